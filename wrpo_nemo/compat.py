@@ -1,0 +1,134 @@
+"""Every difference between megatron-core on a GPU and megatron-core on a CPU-only machine, in one place.
+
+megatron-core 0.16.1 is written for CUDA. On a CPU build of torch (every developer machine and CI) a handful
+of its code paths reach for the GPU even when no tensor lives there. This module is the only place in the
+tree that asks whether CUDA is available; the training code calls :func:`prepare_runtime` once per process
+and then runs the same step, schedule and optimizer code on both kinds of machine.
+
+What is handled (numbers refer to the list in ``shared/STACK.md``):
+
+1. The CUDA RNG tracker: ``DotProductAttention`` always enters ``get_cuda_rng_tracker().fork()``. On CPU the
+   tracker is replaced by megatron's own inference tracker, whose fork is a no-op (exact with dropout 0).
+2. ``get_default_causal_mask`` allocates on CUDA: callers always pass an explicit mask
+   (see :func:`wrpo_nemo.data.layout.attention_mask_from_segments`).
+3. ``torch.cuda.current_device()`` (rotary embeddings, the global memory buffer, p2p shape exchange) returns
+   the CPU device on a CPU build instead of raising.
+4. Tensors built with a literal ``device="cuda"`` (pipeline schedules, the optimizer, gradient clipping) are
+   redirected to the CPU by :func:`redirect_cuda_to_cpu`, a ``TorchFunctionMode`` entered only around
+   megatron calls and only when CUDA is unavailable.
+11. ``torch.cuda.synchronize()`` (dist checkpointing, p2p) is a no-op on a CPU build.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+__all__ = [
+    "cuda_available",
+    "default_backend",
+    "device",
+    "prepare_runtime",
+    "redirect_cuda_to_cpu",
+]
+
+
+@functools.cache
+def cuda_available() -> bool:
+    """Whether this process trains on a GPU. Cached: the answer must not change within a run."""
+    return torch.cuda.is_available()
+
+
+def device() -> torch.device:
+    """The device this process computes on (its local GPU, or the CPU)."""
+    if cuda_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def default_backend() -> str:
+    """The torch.distributed backend for this machine: NCCL on GPUs, gloo on CPUs."""
+    return "nccl" if cuda_available() else "gloo"
+
+
+_CPU_PATCHED = False
+
+
+def _patch_cuda_queries_for_cpu() -> None:
+    """Make the few CUDA queries megatron makes outside tensor creation harmless on a CPU build."""
+    global _CPU_PATCHED
+    if _CPU_PATCHED:
+        return
+    # Used as ``device=torch.cuda.current_device()``: the CPU device is the right answer here.
+    torch.cuda.current_device = lambda: torch.device("cpu")  # type: ignore[assignment]
+    torch.cuda.synchronize = lambda device=None: None  # type: ignore[assignment]
+    _CPU_PATCHED = True
+
+
+def _reset_rng_tracker() -> None:
+    from megatron.core.tensor_parallel import random as mcore_random
+
+    if cuda_available():
+        mcore_random.initialize_rng_tracker(force_reset=True)
+    else:
+        # The inference tracker's add/fork are no-ops: no CUDA RNG state is needed.
+        mcore_random.initialize_rng_tracker(inference_rng_tracker=True, force_reset=True)
+
+
+def prepare_runtime(seed: int | None = None) -> torch.device:
+    """Prepare this process for megatron-core on whatever it has; returns the compute device.
+
+    On a GPU: selects ``LOCAL_RANK``'s device and seeds megatron's model-parallel CUDA RNG streams (call it
+    after ``parallel_state`` is initialised when ``seed`` is given). On a CPU: applies the patches listed in
+    this module's docstring. Idempotent.
+    """
+    if cuda_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    else:
+        _patch_cuda_queries_for_cpu()
+    _reset_rng_tracker()
+    if seed is not None:
+        torch.manual_seed(seed)
+        if cuda_available():
+            from megatron.core import tensor_parallel
+
+            tensor_parallel.model_parallel_cuda_manual_seed(seed)
+    return device()
+
+
+def _is_cuda_device(value: Any) -> bool:
+    if isinstance(value, torch.device):
+        return value.type == "cuda"
+    if isinstance(value, str):
+        return value.split(":", 1)[0] == "cuda"
+    return False
+
+
+class _CudaToCpu(TorchFunctionMode):
+    """Rewrites ``device="cuda"`` arguments to the CPU and makes ``Tensor.cuda()`` a no-op."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.Tensor.cuda:
+            return args[0]
+        if _is_cuda_device(kwargs.get("device")):
+            kwargs = {**kwargs, "device": "cpu"}
+        if func in (torch.Tensor.to,):
+            args = tuple("cpu" if _is_cuda_device(a) else a for a in args)
+        return func(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def redirect_cuda_to_cpu() -> Iterator[None]:
+    """Run megatron code that hard-codes ``device="cuda"`` on a CPU machine; a no-op on a GPU machine."""
+    if cuda_available():
+        yield
+        return
+    with _CudaToCpu():
+        yield

@@ -1,0 +1,1 @@
+"""Layer 2: records -> validated examples -> token ids -> tokenised cache -> packed micro-batches."""
