@@ -1,0 +1,173 @@
+"""Deterministic, resumable order of prompts, and the per-data-parallel-rank micro-batches of each step.
+
+A *global batch* is ``global_batch_size`` prompts (128 in the paper), one optimizer step. Each data-parallel
+rank takes a contiguous ``global_batch_size / dp_size`` share of it and cuts it into micro-batches of
+``micro_batch_size`` prompts (gradient accumulation runs over them). Every micro-batch is packed into the
+same ``[rows_per_micro_batch, seq_length]`` shape, which megatron's pipeline schedules need. When
+``rows_per_micro_batch`` is not given it is the most rows any micro-batch of the planned epochs needs.
+
+The order of an epoch is a permutation seeded by ``(seed, epoch)``; the position is the number of prompts
+consumed in the current epoch. So the checkpointed state is a small dict, and it stays valid when the number
+of data-parallel ranks changes (the order does not depend on it), or when the global batch size changes to
+one that divides the consumed count.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from wrpo_nemo.data.cache import TokenizedDataset
+from wrpo_nemo.data.layout import PackedBatch
+from wrpo_nemo.data.packing import Stage, group_lengths, pack_micro_batch, rows_needed
+
+
+class PromptOrder:
+    """The prompt order of every epoch and the share of each data-parallel rank."""
+
+    def __init__(
+        self, indices: np.ndarray, global_batch_size: int, micro_batch_size: int, dp_size: int, seed: int
+    ) -> None:
+        if micro_batch_size < 1 or dp_size < 1:
+            raise ValueError("micro_batch_size and the data-parallel size must be at least 1")
+        if global_batch_size % (micro_batch_size * dp_size):
+            raise ValueError(
+                f"global_batch_size={global_batch_size} is not a multiple of micro_batch_size={micro_batch_size} x "
+                f"data-parallel size {dp_size}: change global_batch_size or micro_batch_size"
+            )
+        self.indices = np.asarray(indices, dtype=np.int64)
+        if len(self.indices) < global_batch_size:
+            raise ValueError(
+                f"{len(self.indices)} prompts do not fill one global batch of global_batch_size={global_batch_size}"
+            )
+        self.global_batch_size = global_batch_size
+        self.micro_batch_size = micro_batch_size
+        self.dp_size = dp_size
+        self.seed = seed
+        self.steps_per_epoch = len(self.indices) // global_batch_size
+        """Optimizer steps per epoch; the last partial global batch of an epoch is left out."""
+
+    def epoch_order(self, epoch: int) -> np.ndarray:
+        return np.random.default_rng([self.seed, epoch]).permutation(self.indices)
+
+    def micro_batches(self, order: np.ndarray, step: int, dp_rank: int) -> list[np.ndarray]:
+        """Dataset positions of each micro-batch of ``dp_rank`` in step ``step`` of an epoch's ``order``."""
+        share = self.global_batch_size // self.dp_size
+        start = step * self.global_batch_size + dp_rank * share
+        return list(order[start : start + share].reshape(-1, self.micro_batch_size))
+
+
+class PackedBatchLoader:
+    """Yields, step after step, this rank's packed micro-batches; its position is part of the checkpoint."""
+
+    def __init__(
+        self,
+        dataset: TokenizedDataset,
+        indices: np.ndarray,
+        *,
+        stage: Stage,
+        seq_length: int,
+        global_batch_size: int,
+        micro_batch_size: int,
+        dp_rank: int,
+        dp_size: int,
+        seed: int,
+        pad_id: int,
+        rows_per_micro_batch: int | None = None,
+        reference_logps: np.ndarray | None = None,
+        plan_epochs: int = 1,
+    ) -> None:
+        if not 0 <= dp_rank < dp_size:
+            raise ValueError(f"dp_rank={dp_rank} is outside the data-parallel size {dp_size}")
+        if reference_logps is not None and len(reference_logps) != len(dataset):
+            raise ValueError(
+                f"reference log-probs have {len(reference_logps)} rows, the dataset {len(dataset)}"
+            )
+        self.dataset = dataset
+        self.order = PromptOrder(indices, global_batch_size, micro_batch_size, dp_size, seed)
+        self.stage, self.seq_length, self.pad_id = stage, seq_length, pad_id
+        self.dp_rank = dp_rank
+        self.reference_logps = reference_logps
+        self.epoch = 0
+        self.consumed = 0
+        self._order_cache: tuple[int, np.ndarray] | None = None
+        needed = self.plan_rows(plan_epochs)
+        if rows_per_micro_batch is None:
+            rows_per_micro_batch = needed
+        elif rows_per_micro_batch < 1:
+            raise ValueError(f"rows_per_micro_batch must be at least 1, got {rows_per_micro_batch}")
+        self.rows_per_micro_batch = rows_per_micro_batch
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.order.steps_per_epoch
+
+    def plan_rows(self, epochs: int) -> int:
+        """Most rows a micro-batch of any rank needs over the first ``epochs`` epochs (first-fit decreasing)."""
+        lengths = group_lengths(self.dataset, self.stage)
+        most = 1
+        for epoch in range(epochs):
+            order = self.order.epoch_order(epoch)
+            for step in range(self.steps_per_epoch):
+                for rank in range(self.order.dp_size):
+                    for micro in self.order.micro_batches(order, step, rank):
+                        most = max(most, rows_needed(lengths[micro], self.seq_length))
+        return most
+
+    def _epoch_order(self) -> np.ndarray:
+        if self._order_cache is None or self._order_cache[0] != self.epoch:
+            self._order_cache = (self.epoch, self.order.epoch_order(self.epoch))
+        return self._order_cache[1]
+
+    def next_indices(self) -> list[np.ndarray]:
+        """Dataset positions of this rank's micro-batches for the next step; advances the position."""
+        step = self.consumed // self.order.global_batch_size
+        micro = self.order.micro_batches(self._epoch_order(), step, self.dp_rank)
+        self.consumed += self.order.global_batch_size
+        if self.consumed // self.order.global_batch_size >= self.steps_per_epoch:
+            self.epoch += 1
+            self.consumed = 0
+        return micro
+
+    def next_global_batch(self) -> list[PackedBatch]:
+        """This rank's packed micro-batches for the next optimizer step."""
+        return [
+            pack_micro_batch(
+                self.dataset,
+                micro,
+                self.stage,
+                self.seq_length,
+                self.rows_per_micro_batch,
+                self.pad_id,
+                self.reference_logps,
+            )
+            for micro in self.next_indices()
+        ]
+
+    def state_dict(self) -> dict[str, Any]:
+        """The data position for a checkpoint: plain ints and a string, identical on every rank."""
+        return {
+            "epoch": self.epoch,
+            "consumed_in_epoch": self.consumed,
+            "seed": self.order.seed,
+            "num_prompts": len(self.order.indices),
+            "dataset_key": self.dataset.key,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from ``state``; refuses a state of another order (seed, prompts, dataset)."""
+        for name, mine in (
+            ("seed", self.order.seed),
+            ("num_prompts", len(self.order.indices)),
+            ("dataset_key", self.dataset.key),
+        ):
+            if state[name] != mine:
+                raise ValueError(f"the checkpoint's data {name} is {state[name]!r}, this run's is {mine!r}")
+        if state["consumed_in_epoch"] % self.order.global_batch_size:
+            raise ValueError(
+                f"the checkpoint consumed {state['consumed_in_epoch']} prompts of its epoch, not a multiple of "
+                f"global_batch_size={self.order.global_batch_size}"
+            )
+        self.epoch = int(state["epoch"])
+        self.consumed = int(state["consumed_in_epoch"])

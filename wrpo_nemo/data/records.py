@@ -1,0 +1,308 @@
+"""Reading WRPO records from JSONL, Parquet, a saved ``datasets`` folder or a hub name, and checking them.
+
+Every record becomes an :class:`Example`: the prompt as a list of chat messages (ending with the user turn)
+and the three responses as plain strings. A bad record raises :class:`DataError` naming the file, the record
+(``line N`` for JSONL, ``row N`` otherwise, both 1-based) and the field; with ``on_invalid="skip"`` it is
+counted by cause in the :class:`DataReport` instead.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+Message = dict[str, str]
+
+
+class DataError(ValueError):
+    """A record that breaks the input contract; ``cause`` is the short key counted in the data report."""
+
+    def __init__(self, where: str, field_name: str | None, problem: str, cause: str) -> None:
+        self.where = where
+        self.field_name = field_name
+        self.cause = cause
+        target = f"field '{field_name}': " if field_name else ""
+        super().__init__(f"{where}: {target}{problem}")
+
+
+@dataclass(frozen=True)
+class Example:
+    """One validated WRPO example."""
+
+    prompt_id: str
+    prompt: tuple[Message, ...]
+    """The conversation up to (and including) the last user turn; a system message first if any."""
+    source_chosen: str
+    """y_ws: the best source-model response."""
+    target_chosen: str
+    """y_wt: the best response of the target (SFT) model."""
+    rejected: str
+    """y_l: the worst response of the target (SFT) model."""
+    where: str = ""
+    """File and record the example came from, for error messages after reading."""
+
+
+@dataclass
+class ReadConfig:
+    """How records are laid out and what to do with bad ones."""
+
+    layout: Literal["released", "explicit"] = "released"
+    """``released``: ``chosen`` = [y_ws, y_wt], ``rejected`` = [y_l] (AALF/ultrafeedback_wrpo);
+    ``explicit``: one column per response (``source_chosen``, ``target_chosen``, ``rejected``)."""
+    prompt_column: str = "prompt"
+    """A string, a message dict or a list of messages ending with a user turn."""
+    prompt_id_column: str | None = "prompt_id"
+    """Column with a unique prompt id; ``None`` derives the id from a hash of the prompt messages."""
+    chosen_column: str = "chosen"
+    """Released layout: the list [y_ws, y_wt]; the order carries the meaning."""
+    rejected_column: str = "rejected"
+    """Released layout: the list [y_l]; explicit layout: the y_l response."""
+    source_chosen_column: str = "source_chosen"
+    """Explicit layout: the y_ws response."""
+    target_chosen_column: str = "target_chosen"
+    """Explicit layout: the y_wt response."""
+    system_prompt: str | None = None
+    """Prepended as a system message to every prompt that has none."""
+    on_invalid: Literal["error", "skip"] = "error"
+    """``error`` stops at the first bad record; ``skip`` drops it and counts it by cause in the report."""
+    hub_split: str = "train"
+    """Split to load when a source is a hub dataset name."""
+
+
+@dataclass
+class DataReport:
+    """Counts written beside the cache: what was read, skipped, dropped or truncated, and why."""
+
+    records_read: int = 0
+    examples_valid: int = 0
+    skipped: Counter = field(default_factory=Counter)
+    duplicate_prompt_ids: int = 0
+    duplicate_prompt_id_examples: list[str] = field(default_factory=list)
+    first_errors: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "records_read": self.records_read,
+            "examples_valid": self.examples_valid,
+            "skipped_by_cause": dict(self.skipped),
+            "duplicate_prompt_ids": self.duplicate_prompt_ids,
+            "duplicate_prompt_id_examples": self.duplicate_prompt_id_examples,
+            "first_errors": self.first_errors,
+        }
+
+
+# ---------------------------------------------------------------------------------------------- raw sources
+
+
+def iter_raw_records(source: str, hub_split: str = "train") -> Iterator[tuple[str, Any]]:
+    """Yield ``(where, record)`` for every record of ``source``; ``record`` is a ``DataError`` when unreadable.
+
+    A source is a ``.jsonl``/``.json`` file, a ``.parquet`` file, a folder written by ``save_to_disk``, or
+    (when no such path exists) a hub dataset name.
+    """
+    if os.path.isdir(source):
+        yield from _iter_rows(_load_from_disk(source), source)
+    elif source.endswith((".jsonl", ".json")):
+        yield from _iter_jsonl(source)
+    elif source.endswith(".parquet"):
+        yield from _iter_parquet(source)
+    elif os.path.exists(source):
+        raise DataError(
+            source, None, "unknown file type (expected .jsonl, .json, .parquet or a folder)", "io"
+        )
+    else:
+        import datasets
+
+        yield from _iter_rows(datasets.load_dataset(source, split=hub_split), source)
+
+
+def _load_from_disk(path: str) -> Any:
+    import datasets
+
+    loaded = datasets.load_from_disk(path)
+    if isinstance(loaded, datasets.DatasetDict):
+        raise DataError(
+            path, None, f"holds several splits {list(loaded)}; pass the folder of one split", "io"
+        )
+    return loaded
+
+
+def _iter_rows(dataset: Any, name: str) -> Iterator[tuple[str, Any]]:
+    for i, row in enumerate(dataset):
+        yield f"{name}: row {i + 1}", row
+
+
+def _iter_jsonl(path: str) -> Iterator[tuple[str, Any]]:
+    with open(path, "rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            where = f"{path}: line {number}"
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                yield (
+                    where,
+                    DataError(where, None, f"bytes are not UTF-8 ({err.reason} at {err.start})", "not_utf8"),
+                )
+                continue
+            if not text.strip():
+                continue
+            try:
+                yield where, json.loads(text)
+            except json.JSONDecodeError as err:
+                yield (
+                    where,
+                    DataError(where, None, f"invalid JSON ({err.msg}, column {err.colno})", "invalid_json"),
+                )
+
+
+def _iter_parquet(path: str) -> Iterator[tuple[str, Any]]:
+    import pyarrow.parquet as pq
+
+    row = 0
+    for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
+        for record in batch.to_pylist():
+            row += 1
+            yield f"{path}: row {row}", record
+
+
+# ----------------------------------------------------------------------------------------------- validation
+
+
+def _need(record: dict, column: str, where: str) -> Any:
+    if column not in record or record[column] is None:
+        raise DataError(where, column, "missing", "missing_field")
+    return record[column]
+
+
+def _message(value: Any, where: str, name: str) -> Message:
+    if not isinstance(value, dict):
+        raise DataError(where, name, f"expected a message dict, got {type(value).__name__}", "wrong_type")
+    if not isinstance(value.get("role"), str) or not isinstance(value.get("content"), str):
+        raise DataError(where, name, "a message needs string 'role' and 'content'", "wrong_type")
+    return {"role": value["role"], "content": value["content"]}
+
+
+def _prompt(value: Any, where: str, name: str, system_prompt: str | None) -> tuple[Message, ...]:
+    if isinstance(value, str):
+        messages = [{"role": "user", "content": value}]
+    elif isinstance(value, dict):
+        messages = [_message(value, where, name)]
+    elif isinstance(value, list):
+        messages = [_message(m, where, f"{name}[{i}]") for i, m in enumerate(value)]
+    else:
+        raise DataError(
+            where, name, f"expected a string, a message or a list, got {type(value).__name__}", "wrong_type"
+        )
+    if not messages or messages[-1]["role"] != "user":
+        raise DataError(where, name, "the prompt must end with a user turn", "prompt_not_user")
+    if not messages[-1]["content"].strip():
+        raise DataError(where, name, "the user turn is empty", "empty_prompt")
+    for i, m in enumerate(messages):
+        if m["role"] not in ("system", "user", "assistant"):
+            raise DataError(where, f"{name}[{i}]", f"unknown role {m['role']!r}", "wrong_role")
+    if system_prompt is not None and messages[0]["role"] != "system":
+        messages.insert(0, {"role": "system", "content": system_prompt})
+    return tuple(messages)
+
+
+def _response(value: Any, where: str, name: str) -> str:
+    """A response is a string, an assistant message, or a one-message list holding it."""
+    if isinstance(value, list) and len(value) == 1:
+        value = value[0]
+    if isinstance(value, dict):
+        message = _message(value, where, name)
+        if message["role"] != "assistant":
+            raise DataError(where, name, f"not an assistant turn (role {message['role']!r})", "not_assistant")
+        value = message["content"]
+    if not isinstance(value, str):
+        raise DataError(
+            where,
+            name,
+            f"expected a string or an assistant message, got {type(value).__name__}",
+            "wrong_type",
+        )
+    if not value.strip():
+        raise DataError(where, name, "empty response", "empty_response")
+    return value
+
+
+def _pair(record: dict, column: str, where: str, length: int) -> list[Any]:
+    value = _need(record, column, where)
+    if not isinstance(value, list):
+        raise DataError(
+            where, column, f"expected a list of {length}, got {type(value).__name__}", "wrong_type"
+        )
+    if len(value) != length:
+        raise DataError(where, column, f"expected {length} responses, got {len(value)}", "wrong_length")
+    return value
+
+
+def prompt_hash(prompt: tuple[Message, ...]) -> str:
+    """A stable id for a prompt without one: the SHA-256 of its messages."""
+    return hashlib.sha256(json.dumps(prompt, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def parse_record(record: Any, where: str, cfg: ReadConfig) -> Example:
+    """Check one raw record and turn it into an :class:`Example`; raise :class:`DataError` when it is bad."""
+    if isinstance(record, DataError):
+        raise record
+    if not isinstance(record, dict):
+        raise DataError(where, None, f"a record must be an object, got {type(record).__name__}", "wrong_type")
+    prompt = _prompt(_need(record, cfg.prompt_column, where), where, cfg.prompt_column, cfg.system_prompt)
+    if cfg.layout == "released":
+        chosen = _pair(record, cfg.chosen_column, where, 2)
+        rejected = _pair(record, cfg.rejected_column, where, 1)
+        ys = [
+            _response(chosen[0], where, f"{cfg.chosen_column}[0]"),
+            _response(chosen[1], where, f"{cfg.chosen_column}[1]"),
+            _response(rejected[0], where, f"{cfg.rejected_column}[0]"),
+        ]
+    elif cfg.layout == "explicit":
+        columns = (cfg.source_chosen_column, cfg.target_chosen_column, cfg.rejected_column)
+        ys = [_response(_need(record, c, where), where, c) for c in columns]
+    else:
+        raise ValueError(f"data.layout must be 'released' or 'explicit', got {cfg.layout!r}")
+    if cfg.prompt_id_column is None:
+        prompt_id = prompt_hash(prompt)
+    else:
+        raw_id = _need(record, cfg.prompt_id_column, where)
+        if not isinstance(raw_id, (str, int)) or isinstance(raw_id, bool):
+            raise DataError(
+                where, cfg.prompt_id_column, f"expected a string, got {type(raw_id).__name__}", "wrong_type"
+            )
+        prompt_id = str(raw_id)
+    return Example(prompt_id, prompt, ys[0], ys[1], ys[2], where)
+
+
+def read_examples(sources: list[str], cfg: ReadConfig) -> tuple[list[Example], DataReport]:
+    """Read and check every record of ``sources`` in order; see :class:`ReadConfig` for the policy."""
+    if cfg.on_invalid not in ("error", "skip"):
+        raise ValueError(f"data.on_invalid must be 'error' or 'skip', got {cfg.on_invalid!r}")
+    report = DataReport()
+    examples: list[Example] = []
+    seen: set[str] = set()
+    for source in sources:
+        for where, record in iter_raw_records(source, cfg.hub_split):
+            report.records_read += 1
+            try:
+                example = parse_record(record, where, cfg)
+            except DataError as err:
+                if cfg.on_invalid == "error":
+                    raise
+                report.skipped[err.cause] += 1
+                if len(report.first_errors) < 20:
+                    report.first_errors.append(str(err))
+                continue
+            if example.prompt_id in seen:
+                report.duplicate_prompt_ids += 1
+                if len(report.duplicate_prompt_id_examples) < 20:
+                    report.duplicate_prompt_id_examples.append(example.prompt_id)
+            seen.add(example.prompt_id)
+            examples.append(example)
+    report.examples_valid = len(examples)
+    return examples, report
