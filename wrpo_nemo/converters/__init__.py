@@ -1,0 +1,1 @@
+"""Converters: HF safetensors <-> model checkpoint (megatron dist checkpoint, any TP/PP) <-> ``.nemo``."""
