@@ -15,7 +15,9 @@ What is handled (numbers refer to the list in ``shared/STACK.md``):
    the CPU device on a CPU build instead of raising.
 4. Tensors built with a literal ``device="cuda"`` (pipeline schedules, the optimizer, gradient clipping) are
    redirected to the CPU by :func:`redirect_cuda_to_cpu`, a ``TorchFunctionMode`` entered only around
-   megatron calls and only when CUDA is unavailable.
+   megatron calls and only when CUDA is unavailable. ``GPTModel`` construction with tied embeddings and
+   pipeline parallelism (``LanguageModule.setup_embeddings_and_output_layer`` calls ``weight.data.cuda()``)
+   is wrapped the same way by ``wrpo_nemo.models.builder.build_gpt_model``.
 11. ``torch.cuda.synchronize()`` (dist checkpointing, p2p) is a no-op on a CPU build.
 """
 

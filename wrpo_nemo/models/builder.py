@@ -188,19 +188,22 @@ def build_gpt_model(
         pre_process = parallel_state.is_pipeline_first_stage()
     if post_process is None:
         post_process = parallel_state.is_pipeline_last_stage()
-    model = GPTModel(
-        config,
-        transformer_layer_spec=select_layer_spec(use_te),
-        vocab_size=cfg.padded_vocab_size(config.tensor_model_parallel_size),
-        max_sequence_length=cfg.max_position_embeddings,
-        pre_process=pre_process,
-        post_process=post_process,
-        parallel_output=parallel_output,
-        share_embeddings_and_output_weights=cfg.tie_word_embeddings,
-        position_embedding_type="rope",
-        rotary_base=cfg.rope_theta,
-        rope_scaling=cfg.rope_scaling is not None,
-        rope_scaling_factor=cfg.rope_scaling.factor if cfg.rope_scaling else 8.0,
-    )
+    # With tied embeddings split over pipeline stages, megatron moves the output weight with ``.cuda()``
+    # before all-reducing it over the embedding group; redirected to the CPU there (compat, item 4).
+    with compat.redirect_cuda_to_cpu():
+        model = GPTModel(
+            config,
+            transformer_layer_spec=select_layer_spec(use_te),
+            vocab_size=cfg.padded_vocab_size(config.tensor_model_parallel_size),
+            max_sequence_length=cfg.max_position_embeddings,
+            pre_process=pre_process,
+            post_process=post_process,
+            parallel_output=parallel_output,
+            share_embeddings_and_output_weights=cfg.tie_word_embeddings,
+            position_embedding_type="rope",
+            rotary_base=cfg.rope_theta,
+            rope_scaling=cfg.rope_scaling is not None,
+            rope_scaling_factor=cfg.rope_scaling.factor if cfg.rope_scaling else 8.0,
+        )
     _apply_llama3_rope_scaling(model, cfg)
     return model

@@ -1,0 +1,66 @@
+"""Bodies of the multi-process tests (module-level so spawned processes can import them)."""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+
+from tests.converters.tiny_models import megatron_logits
+from wrpo_nemo import compat
+from wrpo_nemo.converters.checkpoint_io import load_model_checkpoint, read_model_config
+from wrpo_nemo.data.layout import attention_mask_from_segments
+from wrpo_nemo.models import build_gpt_model
+from wrpo_nemo.training.parallel import destroy_parallel, initialize_parallel
+
+
+def _load(checkpoint):
+    model = build_gpt_model(read_model_config(checkpoint)).eval()
+    load_model_checkpoint(model, checkpoint)
+    return model
+
+
+def tp2_logits_equal(rank, world_size, checkpoint, tokens, expected):
+    initialize_parallel(tensor_parallel_size=2, seed=1)
+    try:
+        logits = megatron_logits(_load(checkpoint), tokens)
+        torch.testing.assert_close(logits, expected, atol=1e-5, rtol=1e-5)
+    finally:
+        destroy_parallel()
+
+
+def _keep_logits(output):
+    return torch.zeros(()), {"logits": output.detach().clone()}
+
+
+def _forward_step(batch, data_iterator, model):
+    tokens = next(data_iterator)
+    positions = torch.arange(tokens.shape[1]).expand_as(tokens)
+    mask = attention_mask_from_segments(torch.zeros_like(tokens))
+    return model(tokens, positions, mask), _keep_logits
+
+
+def pp2_logits_equal(rank, world_size, checkpoint, tokens, expected):
+    """Run megatron's real pipeline schedule (forward only) over two stages; the last stage checks the logits."""
+    from megatron.core import parallel_state
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    initialize_parallel(pipeline_parallel_size=2, seed=1)
+    try:
+        model = _load(checkpoint)
+        model.config.batch_p2p_comm = False  # plain isend/irecv: no CUDA synchronisation (STACK.md item 4)
+        with torch.no_grad(), compat.redirect_cuda_to_cpu():
+            out = get_forward_backward_func()(
+                forward_step_func=partial(_forward_step, None),
+                data_iterator=iter([tokens]),
+                model=[model],
+                num_microbatches=1,
+                seq_length=tokens.shape[1],
+                micro_batch_size=tokens.shape[0],
+                forward_only=True,
+            )
+        if parallel_state.is_pipeline_last_stage():
+            logits = out[0]["logits"][..., : expected.shape[-1]]
+            torch.testing.assert_close(logits, expected, atol=1e-5, rtol=1e-5)
+    finally:
+        destroy_parallel()
