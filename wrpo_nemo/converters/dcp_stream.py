@@ -161,6 +161,12 @@ class CheckpointReader:
             raise KeyError(f"tensor {self.prefix + key!r} is not in the checkpoint at {self.directory}")
         return md
 
+    def tensor_keys(self) -> list[str]:
+        """Every tensor key in the checkpoint, prefix included (non-tensor objects are skipped)."""
+        return [
+            k for k, v in self._metadata.state_dict_metadata.items() if isinstance(v, TensorStorageMetadata)
+        ]
+
     def has(self, key: str) -> bool:
         """Whether the checkpoint holds tensor ``key``."""
         return isinstance(self._metadata.state_dict_metadata.get(self.prefix + key), TensorStorageMetadata)
