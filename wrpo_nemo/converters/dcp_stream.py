@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint import save as dcp_save
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
 from torch.distributed.checkpoint.metadata import (
     ChunkStorageMetadata,
@@ -102,7 +103,11 @@ def write_checkpoint(directory: str | Path, tensors: Sequence[StreamedTensor]) -
     directory.mkdir(parents=True, exist_ok=True)
     # One writer thread: chunks are produced (and freed) strictly one after another.
     writer = FileSystemWriter(str(directory), single_file_per_rank=True, thread_count=1, overwrite=True)
-    dcp_save({}, storage_writer=writer, planner=_LazySavePlanner(tensors), no_dist=True)
+    try:
+        dcp_save({}, storage_writer=writer, planner=_LazySavePlanner(tensors), no_dist=True)
+    except CheckpointException as exc:
+        # Surface the producer's own error (a missing file, a bad shape), not DCP's per-rank wrapper.
+        raise next(iter(exc.failures.values()))[0] from exc
     # What dist_checkpointing.save writes beside the DCP files for a model state dict (no common objects).
     torch.save({}, directory / "common.pt")
     save_config(CheckpointingConfig(sharded_backend="torch_dist", sharded_backend_version=1), str(directory))
