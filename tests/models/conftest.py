@@ -1,0 +1,1 @@
+from tests.models.megatron_env import megatron_single_process  # noqa: F401
