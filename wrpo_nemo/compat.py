@@ -15,9 +15,13 @@ What is handled (numbers refer to the list in ``shared/STACK.md``):
    the CPU device on a CPU build instead of raising.
 4. Tensors built with a literal ``device="cuda"`` (pipeline schedules, the optimizer, gradient clipping) are
    redirected to the CPU by :func:`redirect_cuda_to_cpu`, a ``TorchFunctionMode`` entered only around
-   megatron calls and only when CUDA is unavailable. ``GPTModel`` construction with tied embeddings and
+   megatron calls and only when CUDA is unavailable.
+5. Gradient clipping asserts ``grad.type() == "torch.cuda.FloatTensor"``: inside the same mode a CPU
+   tensor's ``type()`` answers with the CUDA name. ``GPTModel`` construction with tied embeddings and
    pipeline parallelism (``LanguageModule.setup_embeddings_and_output_layer`` calls ``weight.data.cuda()``)
    is wrapped the same way by ``wrpo_nemo.models.builder.build_gpt_model``.
+4b. Pipeline p2p: ``batch_isend_irecv`` is NCCL-only; :func:`configure_model_parallel` switches a model
+   config to plain isend/irecv on CPU, which gloo supports.
 11. ``torch.cuda.synchronize()`` (dist checkpointing, p2p) is a no-op on a CPU build.
 """
 
@@ -33,6 +37,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 __all__ = [
+    "configure_model_parallel",
     "cuda_available",
     "default_backend",
     "device",
@@ -104,6 +109,13 @@ def prepare_runtime(seed: int | None = None) -> torch.device:
     return device()
 
 
+def configure_model_parallel(config: Any) -> None:
+    """Adjust a megatron ``ModelParallelConfig`` for this machine (pipeline p2p on gloo)."""
+    if not cuda_available():
+        config.batch_p2p_comm = False
+        config.batch_p2p_sync = False
+
+
 def _is_cuda_device(value: Any) -> bool:
     if isinstance(value, torch.device):
         return value.type == "cuda"
@@ -113,12 +125,17 @@ def _is_cuda_device(value: Any) -> bool:
 
 
 class _CudaToCpu(TorchFunctionMode):
-    """Rewrites ``device="cuda"`` arguments to the CPU and makes ``Tensor.cuda()`` a no-op."""
+    """Rewrites ``device="cuda"`` arguments to the CPU, makes ``Tensor.cuda()`` a no-op and reports CPU
+    tensors' type names as their CUDA names (megatron asserts on them)."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is torch.Tensor.cuda:
             return args[0]
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs:
+            # Type-name asserts (``grad.type() == "torch.cuda.FloatTensor"`` in gradient clipping).
+            name = func(*args)
+            return name.replace("torch.", "torch.cuda.", 1) if not args[0].is_cuda else name
         if _is_cuda_device(kwargs.get("device")):
             kwargs = {**kwargs, "device": "cpu"}
         if func in (torch.Tensor.to,):

@@ -38,7 +38,9 @@ class OptimSettings:
     """Global gradient-norm clipping threshold (0 disables clipping)."""
 
 
-def build_model(model_cfg: ModelConfig, *, precision: str = "auto", fp8: str | None = None, recompute: str = "none"):
+def build_model(
+    model_cfg: ModelConfig, *, precision: str = "auto", fp8: str | None = None, recompute: str = "none"
+):
     """This rank's GPTModel with the training-loop settings of its config applied."""
     from wrpo_nemo.models.builder import build_gpt_model
 
@@ -134,7 +136,9 @@ def run_schedule(
         )
 
 
-def train_step(ddp_model, optimizer, scheduler, forward_step: Callable, micro_batches: list[PackedBatch]) -> dict:
+def train_step(
+    ddp_model, optimizer, scheduler, forward_step: Callable, micro_batches: list[PackedBatch]
+) -> dict:
     """Zero grads, forward/backward over the global batch's micro-batches, optimizer and LR step.
 
     Returns the reduced metrics (identical on every rank) plus ``grad_norm`` and ``lr``.
@@ -167,7 +171,9 @@ def reduce_metrics(outputs: list[dict[str, torch.Tensor]]) -> dict[str, float]:
     dist.all_gather_object(gathered, sorted(outputs[0]) if outputs else [])
     names = next((n for n in gathered if n), [])
     totals = torch.zeros(len(names), 2, dtype=torch.float64)
-    contributes = parallel_state.is_pipeline_last_stage() and parallel_state.get_tensor_model_parallel_rank() == 0
+    contributes = (
+        parallel_state.is_pipeline_last_stage() and parallel_state.get_tensor_model_parallel_rank() == 0
+    )
     if contributes:
         for out in outputs:
             for i, name in enumerate(names):
@@ -175,4 +181,7 @@ def reduce_metrics(outputs: list[dict[str, torch.Tensor]]) -> dict[str, float]:
     totals = totals.to(compat.device())
     dist.all_reduce(totals)
     totals = totals.cpu()
-    return {name: float(totals[i, 0] / totals[i, 1]) if totals[i, 1] > 0 else float("nan") for i, name in enumerate(names)}
+    return {
+        name: float(totals[i, 0] / totals[i, 1]) if totals[i, 1] > 0 else float("nan")
+        for i, name in enumerate(names)
+    }

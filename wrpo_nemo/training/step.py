@@ -58,7 +58,9 @@ def response_logps(logits: torch.Tensor, batch: PackedBatch, inplace_backward: b
     """Summed response log-probs and response lengths, both ``[num_prompts, 3]``, of a WRPO micro-batch."""
     tok = _token_logps(logits, batch, inplace_backward)
     seg = segment_sums(tok, batch.segment_ids, batch.num_segments, batch.loss_mask)
-    counts = segment_sums(batch.loss_mask.to(tok.dtype), batch.segment_ids, batch.num_segments, batch.loss_mask)
+    counts = segment_sums(
+        batch.loss_mask.to(tok.dtype), batch.segment_ids, batch.num_segments, batch.loss_mask
+    )
     arrange = partial(
         per_prompt_by_role,
         segment_prompt=batch.segment_prompt,
@@ -108,7 +110,11 @@ def reference_loss_func(batch: PackedBatch, logits: torch.Tensor):
     with torch.no_grad():
         logps, _ = response_logps(logits, batch)
     zero = logits.new_zeros(())
-    return zero, torch.tensor(0, dtype=torch.int), {"reference_logps": logps, "prompt_index": batch.prompt_index}
+    return (
+        zero,
+        torch.tensor(0, dtype=torch.int),
+        {"reference_logps": logps, "prompt_index": batch.prompt_index},
+    )
 
 
 def make_forward_step(loss_builder: Callable[[PackedBatch], Callable], device: torch.device) -> Callable:
