@@ -21,9 +21,7 @@ def test_scripts_convert_hf_to_nemo_and_back_and_refuse_existing_output(hf_dirs,
     assert first.returncode == 0, first.stderr
     again = run("convert_hf_to_nemo.py", str(hf_dir), str(tmp_path / "m.nemo"))
     assert again.returncode != 0 and "--overwrite" in again.stderr
-    back = run(
-        "scripts/convert_nemo_to_hf.py", str(tmp_path / "m.nemo"), str(tmp_path / "hf"), "--dtype", "auto"
-    )
+    back = run("convert_nemo_to_hf.py", str(tmp_path / "m.nemo"), str(tmp_path / "hf"), "--dtype", "auto")
     assert back.returncode == 0, back.stderr
     original, exported = hf_tensors(hf_dir), hf_tensors(tmp_path / "hf")
     assert (
