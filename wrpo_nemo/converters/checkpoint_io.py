@@ -73,6 +73,22 @@ def read_model_config(directory: str | Path) -> ModelConfig:
     return ModelConfig.from_dict(payload["model"])
 
 
+def model_config_from_source(source: str | Path) -> ModelConfig:
+    """The model config named by ``source``: a preset name, a model checkpoint, or a Hugging Face folder."""
+    from wrpo_nemo.models.families import model_config_from_hf
+    from wrpo_nemo.models.presets import PRESETS
+
+    if isinstance(source, str) and source in PRESETS:
+        return PRESETS[source]
+    if is_model_checkpoint(source) or (Path(source) / CONFIG_FILE).is_file():
+        return read_model_config(source)
+    if (Path(source) / "config.json").is_file():
+        return model_config_from_hf(source)
+    raise FileNotFoundError(
+        f"model source {source!r} is neither a preset ({sorted(PRESETS)}), a model checkpoint, nor an HF folder"
+    )
+
+
 def copy_hf_assets(src: str | Path, dst: str | Path) -> list[str]:
     """Copy the non-weight files of an HF folder (those present) into ``dst``; returns their names."""
     src, dst = Path(src), Path(dst)

@@ -29,7 +29,6 @@ from torch.distributed.checkpoint.metadata import (
 )
 from torch.distributed.checkpoint.planner import (
     LoadPlan,
-    LoadPlanner,
     ReadItem,
     SavePlan,
     TensorWriteData,
@@ -113,23 +112,12 @@ def write_checkpoint(directory: str | Path, tensors: Sequence[StreamedTensor]) -
     save_config(CheckpointingConfig(sharded_backend="torch_dist", sharded_backend_version=1), str(directory))
 
 
-class _FillPlanner(LoadPlanner):
-    """Copies every read item into the right region of one preallocated tensor."""
+class _FillPlanner:
+    """The part of a ``LoadPlanner`` that ``FileSystemReader.read_data`` uses: it copies every read item into
+    the right region of one preallocated tensor (the plan itself is built by :class:`CheckpointReader`)."""
 
     def __init__(self, target: torch.Tensor) -> None:
         self._target = target
-
-    def set_up_planner(self, *args, **kwargs) -> None:  # the plan is built by the caller
-        pass
-
-    def create_local_plan(self) -> LoadPlan:
-        raise NotImplementedError
-
-    def create_global_plan(self, global_plan):
-        raise NotImplementedError
-
-    def finish_plan(self, central_plan: LoadPlan) -> LoadPlan:
-        return central_plan
 
     def load_bytes(self, read_item: ReadItem, value) -> None:
         raise ValueError(f"{read_item.dest_index.fqn} is not a tensor")
@@ -195,5 +183,5 @@ class CheckpointReader:
         target = torch.empty(sizes, dtype=md.properties.dtype)
         chunk = ChunkStorageMetadata(torch.Size(offsets), torch.Size(sizes))
         items = create_read_items_for_chunk_list(self.prefix + key, md, [chunk])
-        self._reader.read_data(LoadPlan(items), _FillPlanner(target)).wait()
+        self._reader.read_data(LoadPlan(items), _FillPlanner(target)).wait()  # type: ignore[arg-type]
         return target if layer is None else target[0]
