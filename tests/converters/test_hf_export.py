@@ -1,6 +1,7 @@
 """Model checkpoint -> HF folder: exact inverse of import, and trained weights load in transformers."""
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -76,3 +77,14 @@ def test_export_after_training_steps_loads_in_transformers_with_the_engine_logit
     engine = megatron_logits(model, tokens)
     assert not torch.allclose(engine, hf_logits(hf_dir, tokens), atol=1e-3)
     torch.testing.assert_close(hf_logits(exported, tokens), engine, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["llama31_rope_scaling", "qwen2_qkv_bias"])
+def test_export_without_hf_assets_generates_a_config_that_transformers_runs_identically(
+    name, hf_dirs, tokens, tmp_path
+):
+    hf_dir = hf_dirs(name)
+    import_hf(hf_dir, tmp_path / "ckpt")
+    shutil.rmtree(tmp_path / "ckpt" / HF_ASSETS_DIR)  # as for a model trained from a preset
+    out = export_hf(tmp_path / "ckpt", tmp_path / "hf", dtype=torch.float32)
+    torch.testing.assert_close(hf_logits(out, tokens), hf_logits(hf_dir, tokens), atol=0, rtol=0)
