@@ -131,76 +131,36 @@ def tensor_mappings(cfg: ModelConfig) -> list[TensorMapping]:
     """Every tensor of the megatron checkpoint of ``cfg``, in model order."""
     h, f, d = cfg.hidden_size, cfg.ffn_hidden_size, cfg.head_dim
     q, kv = cfg.num_attention_heads * d, cfg.num_query_groups * d
-    vocab = (cfg.padded_vocab_size(1), h)
-    att, layers = "model.layers.{layer}.self_attn.", "decoder.layers."
-
-    def m(key, shape, hf_keys, hf_shapes, kind="copy", per_layer=True):
-        return TensorMapping(key, shape, tuple(hf_keys), tuple(hf_shapes), kind, per_layer)
-
-    maps = [
-        m(
-            "embedding.word_embeddings.weight",
-            vocab,
-            ["model.embed_tokens.weight"],
-            [(cfg.vocab_size, h)],
-            "vocab",
-            per_layer=False,
-        ),
-        m(
-            layers + "self_attention.linear_qkv.layer_norm_weight",
-            (h,),
-            ["model.layers.{layer}.input_layernorm.weight"],
-            [(h,)],
-        ),
-        m(
-            layers + "self_attention.linear_qkv.weight",
-            (q + 2 * kv, h),
-            [att + "q_proj.weight", att + "k_proj.weight", att + "v_proj.weight"],
-            [(q, h), (kv, h), (kv, h)],
-            "qkv",
-        ),
+    vocab, v = (cfg.padded_vocab_size(1), h), (cfg.vocab_size, h)
+    att, mlp, layer = "model.layers.{layer}.self_attn.", "model.layers.{layer}.mlp.", "model.layers.{layer}."
+    qkv_names = [att + "q_proj.", att + "k_proj.", att + "v_proj."]
+    # (megatron key, per-layer shape, HF names, HF shapes, kind, per layer)
+    table = [
+        ("embedding.word_embeddings.weight", vocab, ["model.embed_tokens.weight"], [v], "vocab", False),
+        ("decoder.layers.self_attention.linear_qkv.layer_norm_weight", (h,),
+         [layer + "input_layernorm.weight"], [(h,)], "copy", True),
+        ("decoder.layers.self_attention.linear_qkv.weight", (q + 2 * kv, h),
+         [n + "weight" for n in qkv_names], [(q, h), (kv, h), (kv, h)], "qkv", True),
+        ("decoder.layers.self_attention.linear_qkv.bias", (q + 2 * kv,),
+         [n + "bias" for n in qkv_names], [(q,), (kv,), (kv,)], "qkv", True),
+        ("decoder.layers.self_attention.linear_proj.weight", (h, q), [att + "o_proj.weight"], [(h, q)], "copy", True),
+        ("decoder.layers.mlp.linear_fc1.layer_norm_weight", (h,),
+         [layer + "post_attention_layernorm.weight"], [(h,)], "copy", True),
+        ("decoder.layers.mlp.linear_fc1.weight", (2 * f, h),
+         [mlp + "gate_proj.weight", mlp + "up_proj.weight"], [(f, h), (f, h)], "fc1", True),
+        ("decoder.layers.mlp.linear_fc2.weight", (h, f), [mlp + "down_proj.weight"], [(h, f)], "copy", True),
+        ("decoder.final_layernorm.weight", (h,), ["model.norm.weight"], [(h,)], "copy", False),
+        ("output_layer.weight", vocab, ["lm_head.weight"], [v], "vocab", False),
+    ]  # fmt: skip
+    absent = {
+        "decoder.layers.self_attention.linear_qkv.bias": not cfg.qkv_bias,
+        "output_layer.weight": cfg.tie_word_embeddings,
+    }
+    return [
+        TensorMapping(key, shape, tuple(names), tuple(shapes), kind, per_layer)
+        for key, shape, names, shapes, kind, per_layer in table
+        if not absent.get(key, False)
     ]
-    if cfg.qkv_bias:
-        maps.append(
-            m(
-                layers + "self_attention.linear_qkv.bias",
-                (q + 2 * kv,),
-                [att + "q_proj.bias", att + "k_proj.bias", att + "v_proj.bias"],
-                [(q,), (kv,), (kv,)],
-                "qkv",
-            )
-        )
-    mlp = "model.layers.{layer}.mlp."
-    maps += [
-        m(layers + "self_attention.linear_proj.weight", (h, q), [att + "o_proj.weight"], [(h, q)]),
-        m(
-            layers + "mlp.linear_fc1.layer_norm_weight",
-            (h,),
-            ["model.layers.{layer}.post_attention_layernorm.weight"],
-            [(h,)],
-        ),
-        m(
-            layers + "mlp.linear_fc1.weight",
-            (2 * f, h),
-            [mlp + "gate_proj.weight", mlp + "up_proj.weight"],
-            [(f, h), (f, h)],
-            "fc1",
-        ),
-        m(layers + "mlp.linear_fc2.weight", (h, f), [mlp + "down_proj.weight"], [(h, f)]),
-        m("decoder.final_layernorm.weight", (h,), ["model.norm.weight"], [(h,)], per_layer=False),
-    ]
-    if not cfg.tie_word_embeddings:
-        maps.append(
-            m(
-                "output_layer.weight",
-                vocab,
-                ["lm_head.weight"],
-                [(cfg.vocab_size, h)],
-                "vocab",
-                per_layer=False,
-            )
-        )
-    return maps
 
 
 def to_mcore(mapping: TensorMapping, tensors: Sequence[torch.Tensor], cfg: ModelConfig) -> torch.Tensor:
