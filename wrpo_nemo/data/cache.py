@@ -122,7 +122,7 @@ def _tokenize_batch(rows: dict[str, list], tokenizer: Any, cfg: TokenizeConfig, 
     eot_id = eot_token_id(tokenizer, cfg)
     out: dict[str, list] = {}
     names = ("prompt_id", "prompt", *RESPONSE_FIELDS, "where")
-    for values in zip(*(rows[n] for n in names)):
+    for values in zip(*(rows[n] for n in names), strict=True):
         example = Example(values[0], tuple(values[1]), *values[2:])
         try:
             result = tokenize_example(tokenizer, example, cfg, eot_id)

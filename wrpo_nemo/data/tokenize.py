@@ -161,7 +161,7 @@ def apply_length_policy(
     if status == "ok" and 3 * len(prompt_ids) + sum(len(r) for r in responses) > cfg.seq_length:
         status = "exceeds_seq_length"
     out: dict[str, Any] = {"prompt_ids": prompt_ids}
-    for name, ids in zip(RESPONSE_FIELDS, responses):
+    for name, ids in zip(RESPONSE_FIELDS, responses, strict=True):
         out[f"{name}_ids"] = ids
     out.update(status=status, prompt_truncated=prompt_truncated, responses_truncated=cut)
     return out

@@ -21,7 +21,35 @@ from wrpo_nemo.data.templates import SPECIAL_TOKENS, TEMPLATES
 
 PAD_TOKEN = "<|pad|>"
 UNK_TOKEN = "<|unk|>"
-TOY_WORDS = ["what", "is", "the", "answer", "of", "+", "-", "=", ".", "?", "i", "do", "not", "know", "it", "maybe", "plus", "minus", "compute", "system", "user", "assistant", "you", "are", "a", "helpful", "calculator"]
+TOY_WORDS = [
+    "what",
+    "is",
+    "the",
+    "answer",
+    "of",
+    "+",
+    "-",
+    "=",
+    ".",
+    "?",
+    "i",
+    "do",
+    "not",
+    "know",
+    "it",
+    "maybe",
+    "plus",
+    "minus",
+    "compute",
+    "system",
+    "user",
+    "assistant",
+    "you",
+    "are",
+    "a",
+    "helpful",
+    "calculator",
+]
 """Every word the toy data uses; numbers are written digit by digit."""
 
 
