@@ -146,8 +146,10 @@ def load_model_checkpoint(model, directory: str | Path) -> None:
     path = weights_dir(directory)
     if not (path / "metadata.json").is_file():
         raise FileNotFoundError(f"{directory} has no dist checkpoint under {WEIGHTS_DIR}/")
-    loaded = dist_checkpointing.load(model_sharded_state_dict(model), str(path))
-    result = model.load_state_dict(loaded, strict=False)
+    request = model_sharded_state_dict(model)
+    loaded = dist_checkpointing.load(request, str(path))
+    # A training checkpoint's common state (optimizer param groups, trainer state) comes back too: keep the model's.
+    result = model.load_state_dict({k: v for k, v in loaded.items() if k in request}, strict=False)
     missing = [k for k in result.missing_keys if not k.endswith("_extra_state")]
     if missing or result.unexpected_keys:
         raise RuntimeError(f"checkpoint {directory}: missing {missing}, unexpected {result.unexpected_keys}")
