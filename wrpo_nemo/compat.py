@@ -41,6 +41,7 @@ __all__ = [
     "cuda_available",
     "default_backend",
     "device",
+    "peak_bf16_tflops",
     "prepare_runtime",
     "redirect_cuda_to_cpu",
 ]
@@ -107,6 +108,27 @@ def prepare_runtime(seed: int | None = None) -> torch.device:
 
             tensor_parallel.model_parallel_cuda_manual_seed(seed)
     return device()
+
+
+_PEAK_BF16_TFLOPS = {
+    "H100": 989.0,
+    "H200": 989.0,
+    "H800": 989.0,
+    "A100": 312.0,
+    "A800": 312.0,
+    "B200": 2250.0,
+}
+"""Dense BF16 tensor-core peaks (vendor figures, no sparsity) by GPU name, for MFU."""
+
+
+def peak_bf16_tflops() -> float | None:
+    """This GPU's dense BF16 peak in TFLOP/s when known (``WRPO_PEAK_TFLOPS`` overrides), else ``None``."""
+    if "WRPO_PEAK_TFLOPS" in os.environ:
+        return float(os.environ["WRPO_PEAK_TFLOPS"])
+    if not cuda_available():
+        return None
+    name = torch.cuda.get_device_name()
+    return next((v for k, v in _PEAK_BF16_TFLOPS.items() if k in name), None)
 
 
 def configure_model_parallel(config: Any) -> None:

@@ -1,0 +1,34 @@
+"""Train with WRPO on megatron-core: ``python recipes/wrpo.py --config-name NAME [key=value ...]``.
+
+Runs the stages of the config (``sft`` then ``wrpo`` by default), then exports each stage's final weights
+to a Hugging Face folder. Launch with ``torchrun --nproc-per-node N`` for tensor, pipeline and data
+parallelism; one plain process runs the whole thing on a CPU machine.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from wrpo_nemo.training.config import ConfigError, load_run_config
+
+
+@hydra.main(config_path="../conf", config_name="wrpo_tiny", version_base=None)
+def main(cfg: DictConfig) -> None:
+    try:
+        run_cfg = load_run_config(OmegaConf.to_container(cfg, resolve=True))
+        from wrpo_nemo.training.run import run
+
+        results = run(run_cfg)
+    except ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    for stage, result in results.items():
+        state = "preempted" if result.preempted else "done"
+        print(f"[{stage}] {state} after {result.steps} steps; checkpoint {result.checkpoint}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,129 @@
+"""From a validated run config to the things a stage trains on: model config, tokenizer, dataset, splits."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch.distributed as dist
+
+from wrpo_nemo import compat
+from wrpo_nemo.data.cache import TokenizedDataset, build_or_load
+from wrpo_nemo.models.config import ModelConfig
+from wrpo_nemo.training.config import ConfigError, RunConfig
+
+
+@dataclass
+class RunInputs:
+    """What the stages share."""
+
+    model_cfg: ModelConfig
+    tokenizer: Any
+    dataset: TokenizedDataset
+    splits: dict[str, np.ndarray]
+    hf_assets: str | None
+    """An HF folder whose tokenizer and configs are copied into checkpoints and exports."""
+
+
+def resolve_model_config(cfg: RunConfig, tokenizer: Any) -> ModelConfig:
+    """The architecture: from ``model.hf_path``, a checkpoint's config, or a preset sized to the tokenizer."""
+    from wrpo_nemo.converters.checkpoint_io import read_model_config
+    from wrpo_nemo.models import get_preset, model_config_from_hf
+
+    if cfg.model.hf_path:
+        return model_config_from_hf(cfg.model.hf_path)
+    if cfg.model.checkpoint:
+        return read_model_config(cfg.model.checkpoint)
+    if not cfg.model.preset:
+        raise ConfigError("set one of model.preset, model.hf_path or model.checkpoint")
+    try:
+        preset = get_preset(cfg.model.preset)
+    except KeyError as exc:
+        raise ConfigError(f"model.preset: {exc.args[0]}") from None
+    if cfg.data.toy:
+        # The toy task's word-level vocabulary is tiny; the preset's embedding follows it.
+        return dataclasses.replace(preset, vocab_size=len(tokenizer))
+    return preset
+
+
+def validate_layout(cfg: RunConfig, model_cfg: ModelConfig, world_size: int) -> int:
+    """Refuse a layout that cannot run, naming the key; returns the data-parallel size."""
+    p = cfg.parallel
+    model_parallel = p.tensor * p.pipeline * p.context
+    if min(p.tensor, p.pipeline, p.context) < 1:
+        raise ConfigError("parallel.tensor, parallel.pipeline and parallel.context must be >= 1")
+    if world_size % model_parallel:
+        raise ConfigError(
+            f"parallel.tensor x parallel.pipeline x parallel.context = {model_parallel} does not divide the "
+            f"{world_size} launched processes"
+        )
+    try:
+        model_cfg.check_parallel_layout(p.tensor, p.pipeline)
+    except ValueError as exc:
+        raise ConfigError(f"{exc} (parallel.tensor={p.tensor}, parallel.pipeline={p.pipeline})") from None
+    if p.context > 1 and not compat.cuda_available():
+        raise ConfigError("parallel.context > 1 needs GPUs with TransformerEngine attention")
+    if cfg.model.fp8 and not compat.cuda_available():
+        raise ConfigError("model.fp8 is set but there is no GPU: set model.fp8=null")
+    dp = world_size // model_parallel
+    tok = cfg.data.source.tokenize
+    for stage in cfg.stages:
+        section = getattr(cfg, stage)
+        if section.global_batch_size % (section.micro_batch_size * dp):
+            raise ConfigError(
+                f"{stage}.global_batch_size={section.global_batch_size} is not a multiple of "
+                f"{stage}.micro_batch_size={section.micro_batch_size} x data-parallel size {dp}"
+            )
+    if "wrpo" in cfg.stages and tok.seq_length < 3 * tok.max_length:
+        raise ConfigError(
+            f"data.source.tokenize.seq_length={tok.seq_length} cannot hold one prompt with its three responses "
+            f"(3 x data.source.tokenize.max_length = {3 * tok.max_length}): raise seq_length or lower max_length"
+        )
+    return dp
+
+
+def load_tokenizer(cfg: RunConfig) -> tuple[Any, str | None]:
+    """The tokenizer and the HF folder it came from (``None`` for the toy tokenizer)."""
+    if cfg.data.toy:
+        from wrpo_nemo.data.toy import build_toy_tokenizer
+
+        folder = Path(cfg.run_dir) / "toy" / "tokenizer"
+        # Only the first process writes the folder; the others build the same tokenizer in memory.
+        first = int(os.environ.get("RANK", "0")) == 0
+        return build_toy_tokenizer(str(folder) if first else None), str(folder)
+    path = cfg.data.tokenizer or cfg.model.hf_path
+    if not path:
+        raise ConfigError("data.tokenizer (or model.hf_path) must name a tokenizer folder")
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path), path
+
+
+def prepare_dataset(cfg: RunConfig, tokenizer: Any) -> TokenizedDataset:
+    """Build (rank 0 first) or load the tokenised cache; every rank returns the same dataset."""
+    source = cfg.data.source
+    if cfg.data.toy:
+        from wrpo_nemo.data.toy import build_toy_dataset
+
+        paths = (
+            build_toy_dataset(
+                str(Path(cfg.run_dir) / "toy" / "records"), cfg.data.toy_examples, seed=cfg.seed
+            )
+            if dist.get_rank() == 0
+            else {"train": str(Path(cfg.run_dir) / "toy" / "records" / "train.jsonl")}
+        )
+        source = dataclasses.replace(source, sources=[paths["train"]])
+    if dist.get_rank() == 0:
+        dataset = build_or_load(source, tokenizer)
+    dist.barrier()
+    if dist.get_rank() != 0:
+        dataset = build_or_load(source, tokenizer)
+    return dataset
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
