@@ -8,7 +8,12 @@ import torch
 
 from tests.converters.tiny_models import megatron_logits
 from wrpo_nemo import compat
-from wrpo_nemo.converters.checkpoint_io import load_model_checkpoint, read_model_config
+from wrpo_nemo.converters.checkpoint_io import (
+    HF_ASSETS_DIR,
+    load_model_checkpoint,
+    read_model_config,
+    save_model_checkpoint,
+)
 from wrpo_nemo.data.layout import attention_mask_from_segments
 from wrpo_nemo.models import build_gpt_model
 from wrpo_nemo.training.parallel import destroy_parallel, initialize_parallel
@@ -20,11 +25,15 @@ def _load(checkpoint):
     return model
 
 
-def tp2_logits_equal(rank, world_size, checkpoint, tokens, expected):
+def tp2_logits_equal(rank, world_size, checkpoint, tokens, expected, resaved):
+    """Load at TP=2, check the logits, then save again from the TP=2 shards into ``resaved``."""
     initialize_parallel(tensor_parallel_size=2, seed=1)
     try:
-        logits = megatron_logits(_load(checkpoint), tokens)
-        torch.testing.assert_close(logits, expected, atol=1e-5, rtol=1e-5)
+        model = _load(checkpoint)
+        torch.testing.assert_close(megatron_logits(model, tokens), expected, atol=1e-5, rtol=1e-5)
+        save_model_checkpoint(
+            model, resaved, read_model_config(checkpoint), hf_assets=checkpoint / HF_ASSETS_DIR
+        )
     finally:
         destroy_parallel()
 
@@ -40,7 +49,7 @@ def _forward_step(batch, data_iterator, model):
     return model(tokens, positions, mask), _keep_logits
 
 
-def pp2_logits_equal(rank, world_size, checkpoint, tokens, expected):
+def pp2_logits_equal(rank, world_size, checkpoint, tokens, expected, resaved):
     """Run megatron's real pipeline schedule (forward only) over two stages; the last stage checks the logits."""
     from megatron.core import parallel_state
     from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -62,5 +71,8 @@ def pp2_logits_equal(rank, world_size, checkpoint, tokens, expected):
         if parallel_state.is_pipeline_last_stage():
             logits = out[0]["logits"][..., : expected.shape[-1]]
             torch.testing.assert_close(logits, expected, atol=1e-5, rtol=1e-5)
+        save_model_checkpoint(
+            model, resaved, read_model_config(checkpoint), hf_assets=checkpoint / HF_ASSETS_DIR
+        )
     finally:
         destroy_parallel()
