@@ -308,7 +308,13 @@ def run(cfg: RunConfig) -> dict[str, StageResult]:
             if result.preempted:
                 break
             previous = result.checkpoint
-            _export(cfg, stage, previous)
+            exported = _export(cfg, stage, previous)
+            if exported and cfg.data.toy:
+                from wrpo_nemo.training.toy_eval import toy_accuracy
+
+                result.eval_metrics["toy_accuracy"] = toy_accuracy(exported, dataset, splits["eval"])
+                print(f"[{stage}] toy task accuracy on {len(splits['eval'])} held-out prompts: "
+                      f"{result.eval_metrics['toy_accuracy']:.3f}", flush=True)  # fmt: skip
         dist.barrier()
         if dist.get_rank() == 0:
             if cfg.logging.plots:
