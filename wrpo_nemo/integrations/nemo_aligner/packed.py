@@ -31,8 +31,9 @@ def pack_rows(examples: list[dict[str, Any]], seq_length: int) -> list[dict[str,
     """Rows in NeMo-Aligner's packed layout, each prompt's three segments whole and in role order.
 
     A row holds ``input_ids`` and ``labels`` (aligned with the tokens, ``-100`` on prompts: NeMo-Aligner's
-    collate shifts them per segment), ``seq_boundaries``, the segment ``lengths`` and a zero ``reward`` per
-    segment (WRPO has no ground-truth reward; the key keeps the parent's batch layout).
+    collate shifts them per segment), ``seq_boundaries``, the segment ``lengths``, a zero ``reward`` per
+    segment (WRPO has no ground-truth reward; the key keeps the parent's batch layout) and ``prompts``, the
+    positions in ``examples`` of the row's prompts in order.
     """
     segments = [[segment_ids_and_labels(example, role) for role in ROLES] for example in examples]
     group_lengths = np.array([sum(len(ids) for ids, _ in group) for group in segments])
@@ -53,6 +54,7 @@ def pack_rows(examples: list[dict[str, Any]], seq_length: int) -> list[dict[str,
                 "seq_boundaries": bounds,
                 "lengths": list(np.diff(bounds)),
                 "reward": [0.0] * (len(bounds) - 1),
+                "prompts": [int(k) for k in placed],
             }
         )
     return rows
