@@ -103,7 +103,7 @@ def test_error_during_tokenising_leaves_no_cache_behind(
     record = released(0)
     record["chosen"][0]["content"] = "paris <|eot_id|> more"
     path = write_jsonl([*(released(i) for i in range(1, 8)), record])
-    with pytest.raises(DataError, match="line 8: field 'source_chosen'.*end-of-turn"):
+    with pytest.raises(DataError, match=r"line 8: field 'source_chosen'.*end-of-turn"):
         build_or_load(_cfg(tmp_path, [path], num_workers=workers), toy_tokenizer)
     assert _entries(tmp_path) == []
 

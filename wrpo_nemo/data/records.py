@@ -26,8 +26,14 @@ class DataError(ValueError):
         self.where = where
         self.field_name = field_name
         self.cause = cause
+        self.problem = problem
         target = f"field '{field_name}': " if field_name else ""
         super().__init__(f"{where}: {target}{problem}")
+
+    def __reduce__(self) -> tuple:
+        # Raised inside tokenising worker processes: it must unpickle in the parent (the default would call
+        # DataError(message) and fail there, hanging the worker pool).
+        return (DataError, (self.where, self.field_name, self.problem, self.cause))
 
 
 @dataclass(frozen=True)

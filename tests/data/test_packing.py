@@ -1,0 +1,133 @@
+"""Packing: every segment of a micro-batch is its prompt + response, labels hold the response exactly, a
+prompt's three segments share one row, and the shape is the fixed one the schedules need."""
+
+import numpy as np
+import pytest
+import torch
+
+from wrpo_nemo.data.cache import DataConfig, build_or_load
+from wrpo_nemo.data.layout import IGNORE_INDEX, ROLE_NAMES, SOURCE_CHOSEN
+from wrpo_nemo.data.packing import (
+    PackingError,
+    first_fit_decreasing,
+    group_lengths,
+    pack_micro_batch,
+    packing_efficiency,
+    rows_needed,
+)
+from wrpo_nemo.data.tokenize import TokenizeConfig
+from wrpo_nemo.data.toy import build_toy_dataset, build_toy_tokenizer
+
+SEQ = 256
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    root = tmp_path_factory.mktemp("toy")
+    tok = build_toy_tokenizer()
+    paths = build_toy_dataset(str(root), num_examples=64, seed=5)
+    cfg = DataConfig(
+        sources=[paths["train"]],
+        cache_dir=str(root / "cache"),
+        num_workers=1,
+        tokenize=TokenizeConfig(max_length=64, max_prompt_length=32, seq_length=SEQ),
+    )
+    return build_or_load(cfg, tok), tok.pad_token_id
+
+
+def _segments(batch):
+    """``(row, start, end)`` of every segment id, read from segment_ids alone."""
+    spans = {}
+    for r in range(batch.tokens.shape[0]):
+        for pos, seg in enumerate(batch.segment_ids[r].tolist()):
+            if seg >= 0:
+                row, start, _ = spans.get(seg, (r, pos, pos))
+                spans[seg] = (row, start, pos + 1)
+    return spans
+
+
+@pytest.mark.parametrize("stage", ["wrpo", "sft"])
+def test_every_segment_is_its_prompt_then_its_response_with_labels_on_the_response_only(toy, stage):
+    dataset, pad = toy
+    indices = [3, 17, 5, 40, 22, 9]
+    batch = pack_micro_batch(dataset, indices, stage, SEQ, rows=4, pad_id=pad)
+    batch.validate()
+    spans = _segments(batch)
+    roles = (SOURCE_CHOSEN,) if stage == "sft" else (0, 1, 2)
+    assert sorted(zip(batch.segment_prompt.tolist(), batch.segment_role.tolist(), strict=True)) == sorted(
+        (k, r) for k in range(len(indices)) for r in roles
+    )
+    for seg, (row, start, end) in spans.items():
+        index = indices[int(batch.segment_prompt[seg])]
+        prompt = dataset.ids("prompt", index).tolist()
+        response = dataset.ids(ROLE_NAMES[int(batch.segment_role[seg])], index).tolist()
+        assert batch.tokens[row, start:end].tolist() == prompt + response
+        assert batch.position_ids[row, start:end].tolist() == list(range(end - start))
+        mask = batch.loss_mask[row, start:end]
+        assert batch.labels[row, start:end][mask].tolist() == response
+        assert batch.labels[row, start : end - 1].tolist() == (prompt + response)[1:]
+        assert int(batch.labels[row, end - 1]) == IGNORE_INDEX
+    assert batch.prompt_index.tolist() == indices
+
+
+def test_padding_has_no_segment_no_label_and_the_pad_id(toy):
+    dataset, pad = toy
+    batch = pack_micro_batch(dataset, [0, 1], "wrpo", SEQ, rows=3, pad_id=pad)
+    padding = batch.segment_ids < 0
+    assert padding.any()
+    assert (batch.tokens[padding] == pad).all() and (batch.labels[padding] == IGNORE_INDEX).all()
+    assert not batch.loss_mask[padding].any()
+
+
+def test_the_three_segments_of_a_prompt_share_one_row(toy):
+    dataset, pad = toy
+    batch = pack_micro_batch(dataset, list(range(12)), "wrpo", SEQ, rows=8, pad_id=pad)
+    spans = _segments(batch)
+    for k in range(12):
+        rows = {spans[s][0] for s in range(batch.num_segments) if int(batch.segment_prompt[s]) == k}
+        assert len(rows) == 1
+
+
+def test_shape_is_fixed_whatever_the_prompts(toy):
+    dataset, pad = toy
+    shapes = {
+        tuple(pack_micro_batch(dataset, [i, i + 1], "wrpo", SEQ, 3, pad).tokens.shape)
+        for i in range(0, 20, 2)
+    }
+    assert shapes == {(3, SEQ)}
+
+
+def test_prompts_that_do_not_fit_the_rows_name_the_keys_to_change(toy):
+    dataset, pad = toy
+    with pytest.raises(PackingError, match="rows_per_micro_batch=1"):
+        pack_micro_batch(dataset, list(range(10)), "wrpo", SEQ, rows=1, pad_id=pad)
+    with pytest.raises(PackingError, match="seq_length=16"):
+        pack_micro_batch(dataset, [0], "wrpo", 16, rows=4, pad_id=pad)
+
+
+def test_reference_logps_follow_prompt_index(toy):
+    dataset, pad = toy
+    table = np.arange(len(dataset) * 3, dtype=np.float32).reshape(-1, 3)
+    batch = pack_micro_batch(dataset, [7, 2, 30], "wrpo", SEQ, 4, pad, reference_logps=table)
+    batch.validate()
+    assert torch.equal(batch.reference_logps, torch.from_numpy(table[[7, 2, 30]]))
+
+
+def test_efficiency_is_real_tokens_over_row_tokens(toy):
+    dataset, pad = toy
+    indices = [1, 2, 3, 4]
+    batch = pack_micro_batch(dataset, indices, "wrpo", SEQ, rows=5, pad_id=pad)
+    real = int(group_lengths(dataset, "wrpo")[indices].sum())
+    assert packing_efficiency(batch) == pytest.approx(real / (5 * SEQ))
+
+
+def test_first_fit_decreasing_places_every_group_once_without_overflow():
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        lengths = rng.integers(1, 100, size=int(rng.integers(1, 40)))
+        rows = first_fit_decreasing(lengths, 100)
+        assert sorted(i for row in rows for i in row) == list(range(len(lengths)))
+        assert all(lengths[row].sum() <= 100 for row in rows)
+        # First-fit decreasing is within 11/9 OPT + 1 of the optimum; the sum bound is a floor on OPT.
+        assert len(rows) <= 11 / 9 * np.ceil(lengths.sum() / 100) + 1
+        assert rows_needed(lengths, 100) == len(rows)
