@@ -7,12 +7,18 @@ parallelism; one plain process runs the whole thing on a CPU machine.
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 
 import hydra
+from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
-from wrpo_nemo.training.config import ConfigError, load_run_config
+from wrpo_nemo.training.config import ConfigError, RunConfig, load_run_config
+
+# Every key of the schema, with its default, under the name the configs in conf/ list first in their
+# defaults: any key can be overridden from the command line, and a misspelt one is refused by Hydra.
+ConfigStore.instance().store(name="wrpo_schema", node=OmegaConf.create(dataclasses.asdict(RunConfig())))
 
 
 @hydra.main(config_path="../conf", config_name="wrpo_tiny", version_base=None)

@@ -232,7 +232,7 @@ def build_dataclass(cls: type, data: Any, key: str = "") -> Any:
 
 def load_run_config(data: dict[str, Any]) -> RunConfig:
     """The typed run config of a plain mapping (Hydra's composed config, ``hydra`` key removed)."""
-    cfg = build_dataclass(RunConfig, {k: v for k, v in data.items() if k != "hydra"})
+    cfg = build_dataclass(RunConfig, {k: v for k, v in data.items() if k not in ("hydra", "defaults")})
     for stage in cfg.stages:
         if stage not in ("sft", "wrpo"):
             raise ConfigError(f"stages may hold 'sft' and 'wrpo', got {stage!r}")

@@ -89,7 +89,8 @@ def build_optimizer(ddp_model, settings: OptimSettings, total_steps: int):
     )
     with compat.redirect_cuda_to_cpu():
         optimizer = get_megatron_optimizer(opt_config, [ddp_model])
-    warmup = math.ceil(settings.warmup_ratio * total_steps)
+    # HF's rounding (ceil); megatron needs at least one step after the warm-up, so very short runs get it.
+    warmup = min(math.ceil(settings.warmup_ratio * total_steps), total_steps - 1)
     scheduler = OptimizerParamScheduler(
         optimizer,
         init_lr=0.0,

@@ -109,14 +109,13 @@ def prepare_dataset(cfg: RunConfig, tokenizer: Any) -> TokenizedDataset:
     if cfg.data.toy:
         from wrpo_nemo.data.toy import build_toy_dataset
 
-        paths = (
-            build_toy_dataset(
-                str(Path(cfg.run_dir) / "toy" / "records"), cfg.data.toy_examples, seed=cfg.seed
-            )
-            if dist.get_rank() == 0
-            else {"train": str(Path(cfg.run_dir) / "toy" / "records" / "train.jsonl")}
-        )
-        source = dataclasses.replace(source, sources=[paths["train"]])
+        # Written once per (size, seed): rewriting would change the file's mtime, hence the cache key, and a
+        # resumed run would no longer match its checkpoint's data order.
+        folder = Path(cfg.run_dir) / "toy" / f"records-{cfg.data.toy_examples}-{cfg.seed}"
+        records = folder / "train.jsonl"
+        if dist.get_rank() == 0 and not records.is_file():
+            build_toy_dataset(str(folder), cfg.data.toy_examples, seed=cfg.seed)
+        source = dataclasses.replace(source, sources=[str(records)])
     if dist.get_rank() == 0:
         dataset = build_or_load(source, tokenizer)
     dist.barrier()

@@ -1,0 +1,152 @@
+"""The recipe end to end, as a user runs it: ``python recipes/wrpo.py`` in a subprocess."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+SMALL = [
+    "data.toy_examples=240",
+    "sft.global_batch_size=8",
+    "sft.micro_batch_size=4",
+    "sft.max_steps=3",
+    "wrpo.global_batch_size=8",
+    "wrpo.micro_batch_size=4",
+    "logging.eval_interval=2",
+    "logging.eval_prompts=8",
+    "logging.log_interval=1",
+]
+TIMING = {"tokens_per_s", "step_time_s"}
+
+
+def recipe(
+    run_dir: Path, *overrides: str, timeout: int = 300, check: bool = True
+) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, str(ROOT / "recipes" / "wrpo.py"), f"run_dir={run_dir}", *SMALL, *overrides]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
+    if check and out.returncode != 0:
+        raise AssertionError(f"recipe failed ({out.returncode}):\n{out.stdout[-3000:]}\n{out.stderr[-5000:]}")
+    return out
+
+
+def metrics(path: Path, split: str = "train") -> list[dict]:
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    return [r for r in records if r["split"] == split]
+
+
+def _final_weights(stage_dir: Path) -> dict[str, torch.Tensor]:
+    from wrpo_nemo.converters.dcp_stream import CheckpointReader
+    from wrpo_nemo.training.checkpoint import latest_checkpoint
+
+    reader = CheckpointReader(latest_checkpoint(stage_dir) / "weights")
+    keys = [
+        k for k in reader._metadata.state_dict_metadata if reader.has(k) and not k.startswith("optimizer")
+    ]
+    return {k: reader.read(k) for k in keys}
+
+
+@pytest.mark.slow
+def test_tiny_recipe_runs_both_stages_and_leaves_every_output(tmp_path):
+    run_dir = tmp_path / "run"
+    out = recipe(run_dir, "wrpo.max_steps=4", "checkpoint.save_interval=2")
+    assert "[wrpo] done after 4 steps" in out.stdout
+    sft, wrpo = metrics(run_dir / "sft" / "metrics.jsonl"), metrics(run_dir / "wrpo" / "metrics.jsonl")
+    assert [r["step"] for r in sft] == [1, 2, 3] and [r["step"] for r in wrpo] == [1, 2, 3, 4]
+    for r in wrpo:
+        for key in ("loss", "lr", "grad_norm", "tokens_per_s", "alpha", "rewards/chosen", "rewards/margins",
+                    "rewards/accuracies", "rewards/source_chosen", "rewards/target_chosen", "logps/rejected"):  # fmt: skip
+            assert key in r, key
+    # alpha_t = alpha_max * t / T with t the steps completed before the update: 0 at the first step.
+    assert [r["alpha"] for r in wrpo] == pytest.approx([0.0, 0.025, 0.05, 0.075])
+    assert metrics(run_dir / "wrpo" / "metrics.jsonl", "eval"), "no evaluation was logged"
+    assert (run_dir / "curves_sft.png").is_file() and (run_dir / "curves_wrpo.png").is_file()
+    assert any((run_dir / "tensorboard" / "wrpo").iterdir())
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["wrpo"]["reference"] == "computed"
+    assert "toy_accuracy" in summary["wrpo"]["eval_metrics"]
+    # keep_last=2 with saves at steps 2 and 4: both kept, nothing half-written left behind.
+    names = sorted(p.name for p in (run_dir / "wrpo" / "checkpoints").iterdir())
+    assert names == ["step_0000002", "step_0000004"]
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    hf = run_dir / "wrpo" / "hf"
+    model = AutoModelForCausalLM.from_pretrained(hf)
+    tokenizer = AutoTokenizer.from_pretrained(hf)
+    assert model.config.vocab_size == len(tokenizer)
+
+    # A second WRPO run from the same stage-1 checkpoint on the same data reuses the stored reference.
+    sft_ckpt = run_dir / "sft" / "checkpoints" / "step_0000003"
+    again = recipe(
+        run_dir, "stages=[wrpo]", f"model.checkpoint={sft_ckpt}", "wrpo.max_steps=1", "export.hf=false"
+    )
+    assert "reference log-probs: loaded" in again.stdout
+
+
+@pytest.mark.slow
+def test_resume_continues_bit_for_bit(tmp_path):
+    run_dir = tmp_path / "run"
+    recipe(
+        run_dir, "wrpo.max_steps=6", "checkpoint.save_interval=3", "checkpoint.keep_last=5", "export.hf=false"
+    )
+    straight = metrics(run_dir / "wrpo" / "metrics.jsonl")
+    straight_weights = _final_weights(run_dir / "wrpo")
+    # Forget everything after step 3 of stage 2, as a crash right after that save would.
+    shutil.rmtree(run_dir / "wrpo" / "checkpoints" / "step_0000006")
+    lines = (run_dir / "wrpo" / "metrics.jsonl").read_text().splitlines()
+    kept = [line for line in lines if json.loads(line)["step"] <= 3 and json.loads(line)["split"] == "train"]
+    (run_dir / "wrpo" / "metrics.jsonl").write_text("\n".join(kept) + "\n")
+    out = recipe(run_dir, "wrpo.max_steps=6", "checkpoint.save_interval=3", "checkpoint.keep_last=5",
+                 "export.hf=false", "checkpoint.resume=true")  # fmt: skip
+    assert "starting at step 3" in out.stdout
+    resumed = metrics(run_dir / "wrpo" / "metrics.jsonl")
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4, 5, 6]
+    for a, b in zip(straight, resumed, strict=True):
+        assert {k: v for k, v in a.items() if k not in TIMING} == {
+            k: v for k, v in b.items() if k not in TIMING
+        }
+    resumed_weights = _final_weights(run_dir / "wrpo")
+    for key, value in straight_weights.items():
+        assert torch.equal(value, resumed_weights[key]), key
+
+
+@pytest.mark.slow
+def test_sigterm_saves_a_checkpoint_and_exits_zero_then_resume_finishes(tmp_path):
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, str(ROOT / "recipes" / "wrpo.py"), f"run_dir={run_dir}", *SMALL,
+           "stages=[sft]", "sft.max_steps=null", "sft.epochs=200", "export.hf=false"]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+    log = run_dir / "sft" / "metrics.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline and not (log.is_file() and len(log.read_text().splitlines()) >= 3):
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.2)
+    sent = time.time()
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr[-3000:]
+    assert time.time() - sent < 60
+    assert "[sft] preempted after" in stdout
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["sft"]["preempted"] is True
+    steps = summary["sft"]["steps"]
+    out = recipe(run_dir, "stages=[sft]", f"sft.max_steps={steps + 2}", "sft.epochs=200", "export.hf=false",
+                 "checkpoint.resume=true")  # fmt: skip
+    assert f"starting at step {steps}" in out.stdout
+
+
+def test_config_errors_exit_2_with_the_key_and_build_nothing(tmp_path):
+    out = recipe(tmp_path / "bad", "wrpo.micro_batch_size=3", check=False, timeout=120)
+    assert out.returncode == 2
+    assert "wrpo.global_batch_size=8 is not a multiple of wrpo.micro_batch_size=3" in out.stderr
+    assert not (tmp_path / "bad" / "sft").exists()
