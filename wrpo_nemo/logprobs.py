@@ -25,7 +25,7 @@ class _TokenLogprobs(torch.autograd.Function):
     """log softmax(logits)[label] over a vocabulary possibly split across ``group``; fp32 output."""
 
     @staticmethod
-    def forward(ctx, logits, labels, vocab_start, group, chunk_tokens, inplace_backward):
+    def forward(ctx, logits, labels, vocab_start, group, chunk_tokens, inplace_backward, real_local):
         num_tokens, vocab_local = logits.shape
         local_labels = labels - vocab_start
         owned = (local_labels >= 0) & (local_labels < vocab_local)
@@ -36,6 +36,7 @@ class _TokenLogprobs(torch.autograd.Function):
             end = min(start + chunk_tokens, num_tokens)
             # copy=True: the chunk is modified in place below and must never alias the caller's logits.
             chunk = logits[start:end].to(torch.float32, copy=True)
+            chunk[:, real_local:] = float("-inf")  # padded vocabulary columns are not tokens
             row_max = chunk.max(dim=-1).values
             if group is not None:
                 dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=group)
@@ -51,6 +52,7 @@ class _TokenLogprobs(torch.autograd.Function):
         ctx.save_for_backward(logits, local_labels, owned, lse)
         ctx.chunk_tokens = chunk_tokens
         ctx.inplace_backward = inplace_backward
+        ctx.real_local = real_local
         return logps
 
     @staticmethod
@@ -62,17 +64,13 @@ class _TokenLogprobs(torch.autograd.Function):
             end = min(start + ctx.chunk_tokens, logits.shape[0])
             g = grad_logps[start:end]
             # d logp / d logit_j = 1[j == label] - softmax_j ; softmax uses the global logsumexp.
-            chunk = (
-                logits[start:end]
-                .to(torch.float32, copy=True)
-                .sub_(lse[start:end, None])
-                .exp_()
-                .mul_(-g[:, None])
-            )
+            chunk = logits[start:end].to(torch.float32, copy=True)
+            chunk[:, ctx.real_local :] = float("-inf")
+            chunk.sub_(lse[start:end, None]).exp_().mul_(-g[:, None])
             chunk.scatter_add_(1, local_labels[start:end, None], (g * owned[start:end])[:, None])
             grad_logits[start:end] = chunk
             del chunk
-        return grad_logits, None, None, None, None, None
+        return grad_logits, None, None, None, None, None, None
 
 
 def token_logprobs(
@@ -84,6 +82,7 @@ def token_logprobs(
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
     ignore_index: int = IGNORE_INDEX,
     inplace_backward: bool = False,
+    vocab_size: int | None = None,
 ) -> torch.Tensor:
     """Per-token log-probs ``log p(labels[..., t] | ...)`` as fp32, shaped like ``labels``.
 
@@ -98,6 +97,9 @@ def token_logprobs(
             megatron's vocab-parallel cross-entropy does). Saves one logits-sized buffer; only valid when
             nothing reads the logits after backward (true of the training step, where the logits are a
             temporary of the output layer).
+        vocab_size: the real vocabulary size when ``logits`` carry padding columns (megatron pads the
+            vocabulary to a multiple of the TP size): ids from ``vocab_size`` on are left out of the softmax,
+            as a Hugging Face model without the padding computes it. ``None``: every column is a token.
     """
     if logits.shape[:-1] != labels.shape:
         raise ValueError(f"logits {tuple(logits.shape)} and labels {tuple(labels.shape)} disagree")
@@ -109,7 +111,10 @@ def token_logprobs(
     flat_logits = logits.reshape(-1, vocab_local)
     flat_labels = labels.reshape(-1)
     valid = flat_labels != ignore_index
-    logps = _TokenLogprobs.apply(flat_logits, flat_labels, vocab_start, group, chunk_tokens, inplace_backward)
+    real_local = vocab_local if vocab_size is None else min(max(vocab_size - vocab_start, 0), vocab_local)
+    logps = _TokenLogprobs.apply(
+        flat_logits, flat_labels, vocab_start, group, chunk_tokens, inplace_backward, real_local
+    )
     return torch.where(valid, logps, torch.zeros_like(logps)).reshape(labels.shape)
 
 

@@ -131,3 +131,43 @@ def test_inplace_backward_gives_the_same_gradient_written_into_the_logits_storag
     token_logprobs(inner, labels, chunk_tokens=6, inplace_backward=True).sum().backward()
     torch.testing.assert_close(leaf.grad, a.grad, rtol=0, atol=0)
     assert inner.data_ptr() == leaf.grad.data_ptr() or torch.equal(inner.detach(), a.grad)
+
+
+def _tp2_padded_worker(rank, world_size):
+    import torch.distributed as dist
+
+    torch.manual_seed(5)
+    real_vocab, padded_vocab = 11, 16  # rank 1's slice [8, 16) holds 3 real and 5 padding columns
+    full = torch.randn(20, padded_vocab) * 3
+    labels = torch.randint(0, real_vocab, (20,))
+    labels[:2] = torch.tensor([10, 0])
+    local = padded_vocab // world_size
+    shard = full[:, rank * local : (rank + 1) * local].clone().requires_grad_()
+    out = token_logprobs(shard, labels, group=dist.group.WORLD, chunk_tokens=6, vocab_size=real_vocab)
+    out.sum().backward()
+    ref_logits = full[:, :real_vocab].double().requires_grad_()
+    ref = _reference(ref_logits, labels)
+    ref.sum().backward()
+    torch.testing.assert_close(out.double(), ref, rtol=1e-6, atol=1e-5)
+    ref_grad = torch.zeros(20, padded_vocab, dtype=torch.float64)
+    ref_grad[:, :real_vocab] = ref_logits.grad
+    torch.testing.assert_close(
+        shard.grad.double(), ref_grad[:, rank * local : (rank + 1) * local], rtol=1e-5, atol=1e-6
+    )
+
+
+def test_padded_vocabulary_columns_are_left_out_like_an_unpadded_model_tp2():
+    run_distributed(_tp2_padded_worker, 2)
+
+
+def test_padded_vocabulary_columns_are_left_out_in_one_process():
+    torch.manual_seed(6)
+    logits = torch.randn(7, 12).requires_grad_()
+    labels = torch.randint(0, 9, (7,))
+    out = token_logprobs(logits, labels, vocab_size=9)
+    out.sum().backward()
+    ref_logits = logits.detach()[:, :9].double().requires_grad_()
+    ref = _reference(ref_logits, labels)
+    ref.sum().backward()
+    torch.testing.assert_close(out.double(), ref, rtol=1e-6, atol=1e-6)
+    assert torch.all(logits.grad[:, 9:] == 0)

@@ -62,15 +62,16 @@ def train_a_few_steps(rank, world_size, layout, stage, start_ckpt, cache_path, o
         reference = np.random.default_rng(0).normal(-30, 3, size=(len(dataset), 3)).astype(np.float32)
         loader = _loader(dataset, stage, micro_batch_size, reference if stage == "wrpo" else None)
         settings = WrpoLossSettings(beta=0.1)
+        vocab = read_model_config(start_ckpt).vocab_size
         history = []
         for step in range(STEPS):
             alpha = 0.1 * step / STEPS
             if stage == "wrpo":
                 forward_step = make_forward_step(
-                    lambda b, a=alpha: partial(wrpo_loss_func, b, a, settings), device
+                    lambda b, a=alpha: partial(wrpo_loss_func, b, a, settings, vocab), device
                 )
             else:
-                forward_step = make_forward_step(lambda b: partial(sft_loss_func, b), device)
+                forward_step = make_forward_step(lambda b: partial(sft_loss_func, b, vocab), device)
             history.append(train_step(ddp, optimizer, scheduler, forward_step, loader.next_global_batch()))
         save_model_checkpoint(model, Path(out_dir) / "weights", read_model_config(start_ckpt))
         if rank == 0:

@@ -26,9 +26,11 @@ MICRO_BATCHES_PER_PASS = 32
 """Micro-batches handed to one schedule call (bounds the packed batches held in memory)."""
 
 
-def reference_pass(model, micro_batches: list[PackedBatch], device: torch.device) -> list[dict]:
+def reference_pass(
+    model, micro_batches: list[PackedBatch], device: torch.device, vocab_size: int
+) -> list[dict]:
     """Forward-only schedule over ``micro_batches``; per-micro-batch dicts on the last pipeline stage."""
-    forward_step = make_forward_step(lambda b: partial(reference_loss_func, b), device)
+    forward_step = make_forward_step(lambda b: partial(reference_loss_func, b, vocab_size), device)
     model.eval()
     try:
         with torch.no_grad():
@@ -61,6 +63,7 @@ def compute_reference_logps(
     rows: int,
     pad_id: int,
     device: torch.device,
+    vocab_size: int,
 ) -> np.ndarray:
     """``[len(dataset), 3]`` reference log-probs for ``indices`` (0 elsewhere), identical on every rank."""
     from megatron.core import parallel_state
@@ -79,7 +82,7 @@ def compute_reference_logps(
             pack_micro_batch(dataset, micro, "wrpo", seq_length, rows, pad_id)
             for micro in mine[start : start + MICRO_BATCHES_PER_PASS]
         ]
-        v, s = _collect(reference_pass(model, batches, device), len(dataset))
+        v, s = _collect(reference_pass(model, batches, device, vocab_size), len(dataset))
         values += v
         seen += s
     totals = torch.cat([values, seen[:, None]], dim=1).to(compat.device())
@@ -114,11 +117,13 @@ def precomputed_reference(
     return logps, "computed"
 
 
-def attach_online_reference(ref_model, micro_batches: list[PackedBatch], device: torch.device) -> None:
+def attach_online_reference(
+    ref_model, micro_batches: list[PackedBatch], device: torch.device, vocab_size: int
+) -> None:
     """Fill ``reference_logps`` of this step's micro-batches from a frozen model (``online`` mode)."""
     from megatron.core import parallel_state
 
-    outputs = reference_pass(ref_model, micro_batches, device)
+    outputs = reference_pass(ref_model, micro_batches, device, vocab_size)
     last = parallel_state.is_pipeline_last_stage()
     for i, batch in enumerate(micro_batches):
         batch.reference_logps = outputs[i]["reference_logps"].float().cpu() if last else None

@@ -117,10 +117,10 @@ def _loader(
     )
 
 
-def _loss_builder(cfg: RunConfig, stage: str, alpha: float):
+def _loss_builder(cfg: RunConfig, stage: str, alpha: float, vocab_size: int):
     if stage == "sft":
-        return lambda batch: partial(sft_loss_func, batch)
-    return lambda batch: partial(wrpo_loss_func, batch, alpha, cfg.wrpo.loss)
+        return lambda batch: partial(sft_loss_func, batch, vocab_size)
+    return lambda batch: partial(wrpo_loss_func, batch, alpha, cfg.wrpo.loss, vocab_size)
 
 
 def _evaluate(cfg, stage, inputs, model, dp, device, reference, alpha) -> dict[str, float]:
@@ -132,7 +132,7 @@ def _evaluate(cfg, stage, inputs, model, dp, device, reference, alpha) -> dict[s
         return {}
     eval_section = StageSection(global_batch_size=count, micro_batch_size=section.micro_batch_size)
     loader = _loader(cfg, eval_section, stage, inputs, inputs.splits["eval"][:count], dp, reference)
-    forward_step = make_forward_step(_loss_builder(cfg, stage, alpha), device)
+    forward_step = make_forward_step(_loss_builder(cfg, stage, alpha, inputs.model_cfg.vocab_size), device)
     model.eval()
     with torch.no_grad():
         outputs = run_schedule(model, forward_step, loader.next_global_batch(), forward_only=True)
@@ -156,6 +156,7 @@ def _reference_for(cfg, inputs, model, identity, dp, device) -> tuple[np.ndarray
         rows=probe.rows_per_micro_batch,
         pad_id=inputs.tokenizer.pad_token_id,
         device=device,
+        vocab_size=inputs.model_cfg.vocab_size,
     )
 
 
@@ -230,9 +231,11 @@ def run_stage(
         start = time.perf_counter()
         batches = loader.next_global_batch()
         if ref_model is not None:
-            attach_online_reference(ref_model, batches, device)
+            attach_online_reference(ref_model, batches, device, inputs.model_cfg.vocab_size)
         alpha = alpha_at(step, total, cfg.wrpo.alpha) if stage == "wrpo" else 0.0
-        forward_step = make_forward_step(_loss_builder(cfg, stage, alpha), device)
+        forward_step = make_forward_step(
+            _loss_builder(cfg, stage, alpha, inputs.model_cfg.vocab_size), device
+        )
         metrics = train_step(ddp, optimizer, scheduler, forward_step, batches)
         step += 1
         seconds = time.perf_counter() - start

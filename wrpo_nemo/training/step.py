@@ -50,13 +50,18 @@ def _tp_group():
     return parallel_state.get_tensor_model_parallel_group()
 
 
-def _token_logps(logits: torch.Tensor, batch: PackedBatch, inplace_backward: bool) -> torch.Tensor:
-    return token_logprobs(logits, batch.labels, group=_tp_group(), inplace_backward=inplace_backward)
+def _token_logps(
+    logits: torch.Tensor, batch: PackedBatch, vocab_size: int, inplace_backward: bool
+) -> torch.Tensor:
+    # vocab_size drops megatron's padded vocabulary columns from the softmax (as the HF model computes it).
+    return token_logprobs(
+        logits, batch.labels, group=_tp_group(), inplace_backward=inplace_backward, vocab_size=vocab_size
+    )
 
 
-def response_logps(logits: torch.Tensor, batch: PackedBatch, inplace_backward: bool = False):
+def response_logps(logits: torch.Tensor, batch: PackedBatch, vocab_size: int, inplace_backward: bool = False):
     """Summed response log-probs and response lengths, both ``[num_prompts, 3]``, of a WRPO micro-batch."""
-    tok = _token_logps(logits, batch, inplace_backward)
+    tok = _token_logps(logits, batch, vocab_size, inplace_backward)
     seg = segment_sums(tok, batch.segment_ids, batch.num_segments, batch.loss_mask)
     counts = segment_sums(
         batch.loss_mask.to(tok.dtype), batch.segment_ids, batch.num_segments, batch.loss_mask
@@ -71,9 +76,9 @@ def response_logps(logits: torch.Tensor, batch: PackedBatch, inplace_backward: b
     return arrange(seg), arrange(counts)
 
 
-def sft_loss_func(batch: PackedBatch, logits: torch.Tensor):
+def sft_loss_func(batch: PackedBatch, vocab_size: int, logits: torch.Tensor):
     """NLL summed over response tokens, the token count, and metric sums."""
-    tok = _token_logps(logits, batch, inplace_backward=True)
+    tok = _token_logps(logits, batch, vocab_size, inplace_backward=True)
     mask = batch.loss_mask
     loss_sum = -(tok * mask).sum()
     num_tokens = mask.sum().to(torch.int)
@@ -81,11 +86,13 @@ def sft_loss_func(batch: PackedBatch, logits: torch.Tensor):
     return loss_sum, num_tokens, {"loss": torch.stack([detached, num_tokens.to(detached.dtype)])}
 
 
-def wrpo_loss_func(batch: PackedBatch, alpha: float, settings: WrpoLossSettings, logits: torch.Tensor):
+def wrpo_loss_func(
+    batch: PackedBatch, alpha: float, settings: WrpoLossSettings, vocab_size: int, logits: torch.Tensor
+):
     """WRPO loss summed over the micro-batch's prompts, the prompt count, and metric sums."""
     if batch.reference_logps is None and settings.preference != "simpo":
         raise RuntimeError("a WRPO micro-batch reached the loss without reference log-probs")
-    policy, lengths = response_logps(logits, batch, inplace_backward=True)
+    policy, lengths = response_logps(logits, batch, vocab_size, inplace_backward=True)
     reference = batch.reference_logps.to(policy.dtype) if batch.reference_logps is not None else None
     loss, metrics = wrpo_loss(
         policy,
@@ -105,10 +112,10 @@ def wrpo_loss_func(batch: PackedBatch, alpha: float, settings: WrpoLossSettings,
     return loss * prompts, torch.tensor(prompts, dtype=torch.int), sums
 
 
-def reference_loss_func(batch: PackedBatch, logits: torch.Tensor):
+def reference_loss_func(batch: PackedBatch, vocab_size: int, logits: torch.Tensor):
     """Forward-only: no loss, the micro-batch's summed response log-probs for the reference store."""
     with torch.no_grad():
-        logps, _ = response_logps(logits, batch)
+        logps, _ = response_logps(logits, batch, vocab_size)
     zero = logits.new_zeros(())
     return (
         zero,
