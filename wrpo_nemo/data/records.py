@@ -193,7 +193,7 @@ def _message(value: Any, where: str, name: str) -> Message:
     return {"role": value["role"], "content": value["content"]}
 
 
-def _prompt(value: Any, where: str, name: str, system_prompt: str | None) -> tuple[Message, ...]:
+def parse_prompt(value: Any, where: str, name: str, system_prompt: str | None = None) -> tuple[Message, ...]:
     if isinstance(value, str):
         messages = [{"role": "user", "content": value}]
     elif isinstance(value, dict):
@@ -259,7 +259,9 @@ def parse_record(record: Any, where: str, cfg: ReadConfig) -> Example:
         raise record
     if not isinstance(record, dict):
         raise DataError(where, None, f"a record must be an object, got {type(record).__name__}", "wrong_type")
-    prompt = _prompt(_need(record, cfg.prompt_column, where), where, cfg.prompt_column, cfg.system_prompt)
+    prompt = parse_prompt(
+        _need(record, cfg.prompt_column, where), where, cfg.prompt_column, cfg.system_prompt
+    )
     if cfg.layout == "released":
         chosen = _pair(record, cfg.chosen_column, where, 2)
         rejected = _pair(record, cfg.rejected_column, where, 1)
