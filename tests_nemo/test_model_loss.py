@@ -134,7 +134,7 @@ def test_forward_step_loss_equals_wrpo_loss_on_log_softmax_of_the_model_output(
     def fake_gpt(
         input_ids: torch.Tensor, position_ids: Any, attention_mask: Any, labels: Any
     ) -> torch.Tensor:
-        return table[input_ids]  # [rows, seq, vocab], like megatron's GPTModel without labels
+        return table.to(input_ids.device)[input_ids]  # [rows, seq, vocab], like megatron's GPTModel
 
     gen = torch.Generator().manual_seed(6)
     for role in ROLE_NAMES:
@@ -144,6 +144,10 @@ def test_forward_step_loss_equals_wrpo_loss_on_log_softmax_of_the_model_output(
 
     output, loss_fn = model.get_forward_output_and_loss_func()(iter([dict(batch)]), fake_gpt)
     loss, report = loss_fn(output)
+    loss, report = (
+        loss.cpu(),
+        {name: value.cpu() for name, value in report.items()},
+    )  # on CUDA, batches move there
 
     tokens = torch.cat([batch[r] for r in ROLE_NAMES])
     labels = torch.cat([batch[f"{r}_labels"] for r in ROLE_NAMES])
