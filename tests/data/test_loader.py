@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from wrpo_nemo.data.cache import DataConfig, build_or_load
-from wrpo_nemo.data.loader import PackedBatchLoader
+from wrpo_nemo.data.loader import PackedBatchLoader, balanced_bins
 from wrpo_nemo.data.tokenize import TokenizeConfig
 from wrpo_nemo.data.toy import build_toy_dataset, build_toy_tokenizer
 
@@ -130,3 +130,18 @@ def test_a_position_from_another_order_is_refused(dataset):
             _loader(dataset).load_state_dict({**state, key: value})
     with pytest.raises(ValueError, match="not a multiple"):
         _loader(dataset).load_state_dict({**state, "consumed_in_epoch": 8})
+
+
+def test_balanced_bins_partition_the_batch_into_equal_counts_of_similar_weight():
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        lengths = rng.lognormal(7, 0.6, size=128).astype(int) + 1
+        items = rng.permutation(1000)[:128]
+        bins = balanced_bins(items, lengths, 16)
+        assert sorted(np.concatenate(bins).tolist()) == sorted(items.tolist())
+        assert all(len(b) == 8 for b in bins)
+        weight = dict(zip(items.tolist(), lengths.tolist(), strict=True))
+        totals = [sum(weight[i] for i in b.tolist()) for b in bins]
+        chunked = [int(c.sum()) for c in lengths.reshape(16, 8)]
+        assert max(totals) - min(totals) <= max(chunked) - min(chunked)
+        assert max(totals) - min(totals) <= lengths.max()

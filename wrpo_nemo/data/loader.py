@@ -2,7 +2,9 @@
 
 A *global batch* is ``global_batch_size`` prompts (128 in the paper), one optimizer step. Each data-parallel
 rank takes a contiguous ``global_batch_size / dp_size`` share of it and cuts it into micro-batches of
-``micro_batch_size`` prompts (gradient accumulation runs over them). Every micro-batch is packed into the
+``micro_batch_size`` prompts (gradient accumulation runs over them); the prompts of a global batch are dealt
+to its micro-batches by length (longest first, to the lightest) so that micro-batches carry similar token
+counts. Every micro-batch is packed into the
 same ``[rows_per_micro_batch, seq_length]`` shape, which megatron's pipeline schedules need. When
 ``rows_per_micro_batch`` is not given it is the most rows any micro-batch of the planned epochs needs.
 
@@ -14,6 +16,7 @@ one that divides the consumed count.
 
 from __future__ import annotations
 
+import heapq
 from typing import Any
 
 import numpy as np
@@ -27,7 +30,13 @@ class PromptOrder:
     """The prompt order of every epoch and the share of each data-parallel rank."""
 
     def __init__(
-        self, indices: np.ndarray, global_batch_size: int, micro_batch_size: int, dp_size: int, seed: int
+        self,
+        indices: np.ndarray,
+        global_batch_size: int,
+        micro_batch_size: int,
+        dp_size: int,
+        seed: int,
+        lengths: np.ndarray | None = None,
     ) -> None:
         if micro_batch_size < 1 or dp_size < 1:
             raise ValueError("micro_batch_size and the data-parallel size must be at least 1")
@@ -45,6 +54,8 @@ class PromptOrder:
         self.micro_batch_size = micro_batch_size
         self.dp_size = dp_size
         self.seed = seed
+        self.lengths = lengths
+        """Row tokens of every dataset position; when given, micro-batches are balanced by them."""
         self.steps_per_epoch = len(self.indices) // global_batch_size
         """Optimizer steps per epoch; the last partial global batch of an epoch is left out."""
 
@@ -53,9 +64,30 @@ class PromptOrder:
 
     def micro_batches(self, order: np.ndarray, step: int, dp_rank: int) -> list[np.ndarray]:
         """Dataset positions of each micro-batch of ``dp_rank`` in step ``step`` of an epoch's ``order``."""
-        share = self.global_batch_size // self.dp_size
-        start = step * self.global_batch_size + dp_rank * share
-        return list(order[start : start + share].reshape(-1, self.micro_batch_size))
+        batch = order[step * self.global_batch_size : (step + 1) * self.global_batch_size]
+        per_rank = self.global_batch_size // (self.micro_batch_size * self.dp_size)
+        if self.lengths is None:
+            bins = list(batch.reshape(-1, self.micro_batch_size))
+        else:
+            bins = balanced_bins(batch, self.lengths[batch], len(batch) // self.micro_batch_size)
+        return bins[dp_rank * per_rank : (dp_rank + 1) * per_rank]
+
+
+def balanced_bins(items: np.ndarray, lengths: np.ndarray, num_bins: int) -> list[np.ndarray]:
+    """Deal ``items`` into ``num_bins`` bins of equal count, longest first into the lightest bin with room.
+
+    Micro-batches of a fixed prompt count then carry similar token counts, so the fixed number of rows a
+    micro-batch gets is rarely much more than it needs, and data-parallel ranks get similar work.
+    """
+    capacity = len(items) // num_bins
+    heap = [(0, b) for b in range(num_bins)]
+    bins: list[list[int]] = [[] for _ in range(num_bins)]
+    for pos in np.argsort(-np.asarray(lengths), kind="stable"):
+        total, b = heapq.heappop(heap)
+        bins[b].append(int(items[pos]))
+        if len(bins[b]) < capacity:
+            heapq.heappush(heap, (total + int(lengths[pos]), b))
+    return [np.array(b, dtype=np.int64) for b in bins]
 
 
 class PackedBatchLoader:
@@ -85,7 +117,9 @@ class PackedBatchLoader:
                 f"reference log-probs have {len(reference_logps)} rows, the dataset {len(dataset)}"
             )
         self.dataset = dataset
-        self.order = PromptOrder(indices, global_batch_size, micro_batch_size, dp_size, seed)
+        self.order = PromptOrder(
+            indices, global_batch_size, micro_batch_size, dp_size, seed, group_lengths(dataset, stage)
+        )
         self.stage, self.seq_length, self.pad_id = stage, seq_length, pad_id
         self.dp_rank = dp_rank
         self.reference_logps = reference_logps
