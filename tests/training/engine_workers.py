@@ -58,17 +58,20 @@ def train_a_few_steps(rank, world_size, layout, stage, start_ckpt, cache_path, o
         model = build_model(read_model_config(start_ckpt))
         load_model_checkpoint(model, start_ckpt)
         ddp = wrap_ddp(model)
-        optimizer, scheduler = build_optimizer(ddp, OptimSettings(lr=1e-3, warmup_ratio=0.0), total_steps=4)
+        # adam_eps well above the smallest gradients: with eps=1e-8, Adam turns a 1e-9 gradient into a full
+        # lr-sized step whose sign is fp32 reduction noise, and the comparison would test that noise.
+        settings = OptimSettings(lr=1e-3, warmup_ratio=0.0, adam_eps=1e-4)
+        optimizer, scheduler = build_optimizer(ddp, settings, total_steps=4)
         reference = np.random.default_rng(0).normal(-30, 3, size=(len(dataset), 3)).astype(np.float32)
         loader = _loader(dataset, stage, micro_batch_size, reference if stage == "wrpo" else None)
-        settings = WrpoLossSettings(beta=0.1)
+        loss_settings = WrpoLossSettings(beta=0.1)
         vocab = read_model_config(start_ckpt).vocab_size
         history = []
         for step in range(STEPS):
             alpha = 0.1 * step / STEPS
             if stage == "wrpo":
                 forward_step = make_forward_step(
-                    lambda b, a=alpha: partial(wrpo_loss_func, b, a, settings, vocab), device
+                    lambda b, a=alpha: partial(wrpo_loss_func, b, a, loss_settings, vocab), device
                 )
             else:
                 forward_step = make_forward_step(lambda b: partial(sft_loss_func, b, vocab), device)
