@@ -47,6 +47,20 @@ PRESETS: dict[str, ModelConfig] = {
         max_position_embeddings=2048,
         make_vocab_size_divisible_by=64,
     ),
+    # The default run's model: big enough to learn the toy arithmetic task in a few CPU minutes.
+    "toy": ModelConfig(
+        family="llama",
+        vocab_size=512,
+        hidden_size=128,
+        num_layers=4,
+        num_attention_heads=4,
+        num_query_groups=2,
+        ffn_hidden_size=384,
+        norm_eps=1e-5,
+        rope_theta=10000.0,
+        max_position_embeddings=2048,
+        make_vocab_size_divisible_by=32,
+    ),
 }
 
 
