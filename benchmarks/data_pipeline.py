@@ -68,6 +68,42 @@ def padding_efficiency(dataset, batches: list[np.ndarray]) -> float:
     return real / padded
 
 
+def _fixed_shape(dataset, args: argparse.Namespace, micro_batch_size: int) -> tuple[str, str]:
+    """Efficiency of the loader's fixed-shape micro-batches (rows planned over the epoch), first 20 steps."""
+    loader = PackedBatchLoader(
+        dataset,
+        np.arange(len(dataset)),
+        stage="wrpo",
+        seq_length=args.seq_length,
+        global_batch_size=args.batch_prompts,
+        micro_batch_size=micro_batch_size,
+        dp_rank=0,
+        dp_size=1,
+        seed=0,
+        pad_id=0,
+    )
+    steps = min(20, loader.steps_per_epoch)
+    eff = np.mean([packing_efficiency(b) for _ in range(steps) for b in loader.next_global_batch()])
+    name = f"loader: micro-batches of {micro_batch_size} prompts x {loader.rows_per_micro_batch} rows"
+    return name, f"{100 * eff:.1f}% real tokens"
+
+
+def _pack_global_batches(dataset, args: argparse.Namespace) -> tuple[list[np.ndarray], float, float]:
+    """Global batches of the benchmark, seconds to pack them, and their share of real tokens."""
+    order = np.random.default_rng(0).permutation(len(dataset))
+    size = args.batch_prompts
+    batches = [order[i : i + size] for i in range(0, len(order) - size + 1, size)]
+    groups = group_lengths(dataset, "wrpo")
+    start = time.perf_counter()
+    packed = [
+        pack_micro_batch(dataset, b, "wrpo", args.seq_length, rows_needed(groups[b], args.seq_length), 0)
+        for b in batches
+    ]
+    seconds = time.perf_counter() - start
+    real = sum(int((p.segment_ids >= 0).sum()) for p in packed)
+    return batches, seconds, real / sum(p.tokens.numel() for p in packed)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -76,9 +112,8 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--seq-length", type=int, default=4096)
     parser.add_argument("--batch-prompts", type=int, default=128)
-    parser.add_argument("--micro-batch-size", type=int, default=8)
+    parser.add_argument("--micro-batch-sizes", type=int, nargs="+", default=[8, 32])
     args = parser.parse_args()
-    tokenizer = build_word_tokenizer(WORDS, "llama3")
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "records.jsonl")
         write_records(path, args.records)
@@ -89,73 +124,30 @@ def main() -> None:
             tokenize=TokenizeConfig(max_length=2048, max_prompt_length=1800, seq_length=args.seq_length),
         )
         start = time.perf_counter()
-        dataset = build_or_load(cfg, tokenizer)
+        dataset = build_or_load(cfg, build_word_tokenizer(WORDS, "llama3"))
         build_s = time.perf_counter() - start
-        order = np.random.default_rng(0).permutation(len(dataset))
-        batches = [
-            order[i : i + args.batch_prompts]
-            for i in range(0, len(order) - args.batch_prompts + 1, args.batch_prompts)
-        ]
-        groups = group_lengths(dataset, "wrpo")
-        start = time.perf_counter()
-        packed = [
-            pack_micro_batch(dataset, b, "wrpo", args.seq_length, rows_needed(groups[b], args.seq_length), 0)
-            for b in batches
-        ]
-        pack_s = time.perf_counter() - start
-        packed_eff = sum(int((p.segment_ids >= 0).sum()) for p in packed) / sum(
-            p.tokens.numel() for p in packed
-        )
-        loader = PackedBatchLoader(
-            dataset,
-            np.arange(len(dataset)),
-            stage="wrpo",
-            seq_length=args.seq_length,
-            global_batch_size=args.batch_prompts,
-            micro_batch_size=args.micro_batch_size,
-            dp_rank=0,
-            dp_size=1,
-            seed=0,
-            pad_id=0,
-        )
-        micro = [
-            packing_efficiency(b)
-            for _ in range(min(20, loader.steps_per_epoch))
-            for b in loader.next_global_batch()
-        ]
-        kept, tokens = len(dataset), int(groups.sum())
+        batches, pack_s, packed_eff = _pack_global_batches(dataset, args)
+        kept, n, size = len(dataset), args.records, args.batch_prompts
         rows = [
+            ("records", f"{n} read, {kept} kept, dropped by length {dataset.report['dropped_by_length']}"),
+            (f"read + check + tokenise + cache, {args.workers} workers", f"{n / build_s:,.0f} records/s"),
+            (f"pack (global batches of {size} prompts)", f"{len(batches) * size / pack_s:,.0f} prompts/s"),
+            ("tokenise + pack", f"{n / (build_s + pack_s):,.0f} records/s ({build_s + pack_s:.1f} s)"),
+            ("mean tokens per prompt (3 segments)", f"{group_lengths(dataset, 'wrpo').mean():,.0f}"),
             (
-                "records",
-                f"{args.records} read, {kept} kept, dropped by length {dataset.report['dropped_by_length']}",
-            ),
-            (
-                f"read + check + tokenise + cache ({args.workers} workers)",
-                f"{args.records / build_s:,.0f} records/s ({build_s:.1f} s)",
-            ),
-            (
-                "pack (global batches of 128 prompts)",
-                f"{len(packed) * args.batch_prompts / pack_s:,.0f} prompts/s",
-            ),
-            ("tokenise + pack", f"{args.records / (build_s + pack_s):,.0f} records/s"),
-            ("mean tokens per prompt (3 segments)", f"{tokens / kept:,.0f}"),
-            (
-                f"packed, {args.batch_prompts} prompts into rows of {args.seq_length}",
+                f"packed: {size} prompts into rows of {args.seq_length}",
                 f"{100 * packed_eff:.1f}% real tokens",
             ),
+            *(_fixed_shape(dataset, args, m) for m in args.micro_batch_sizes),
             (
-                f"fixed micro-batches of {args.micro_batch_size} prompts x {loader.rows_per_micro_batch} rows",
-                f"{100 * np.mean(micro):.1f}% real tokens",
-            ),
-            (
-                f"padded to the longest of {args.batch_prompts} prompts (reference)",
+                f"padded to the longest of {size} prompts (reference)",
                 f"{100 * padding_efficiency(dataset, batches):.1f}% real tokens",
             ),
         ]
-        width = max(len(k) for k, _ in rows)
-        print(f"{'measure':<{width}}  value\n{'-' * width}  {'-' * 40}")
-        for key, value in rows:
-            print(f"{key:<{width}}  {value}")
+    width = max(len(k) for k, _ in rows)
+    print(f"{'measure':<{width}}  value\n{'-' * width}  {'-' * 40}")
+    for key, value in rows:
+        print(f"{key:<{width}}  {value}")
 
 
 if __name__ == "__main__":
