@@ -81,11 +81,7 @@ def pack_micro_batch(
             f"of {seq_length} tokens, the micro-batch has rows_per_micro_batch={rows}: raise it, raise seq_length "
             "or lower micro_batch_size"
         )
-    tokens = np.full((rows, seq_length), pad_id, dtype=np.int64)
-    labels = np.full((rows, seq_length), IGNORE_INDEX, dtype=np.int64)
-    loss_mask = np.zeros((rows, seq_length), dtype=bool)
-    position_ids = np.zeros((rows, seq_length), dtype=np.int64)
-    segment_ids = np.full((rows, seq_length), -1, dtype=np.int64)
+    arrays = _empty_rows(rows, seq_length, pad_id)
     segment_prompt: list[int] = []
     segment_role: list[int] = []
     for r, row_groups in enumerate(placement):
@@ -94,31 +90,51 @@ def pack_micro_batch(
             prompt = dataset.ids("prompt", int(indices[k]))
             for role in roles:
                 response = dataset.ids(ROLE_NAMES[role], int(indices[k]))
-                end = start + len(prompt) + len(response)
-                tokens[r, start:end] = np.concatenate([prompt, response])
-                labels[r, start : end - 1] = tokens[r, start + 1 : end]
-                # The logits at position j predict token j+1: the response's tokens are predicted from the
-                # last prompt position up to the one before the segment's end.
-                loss_mask[r, start + len(prompt) - 1 : end - 1] = True
-                position_ids[r, start:end] = np.arange(end - start)
-                segment_ids[r, start:end] = len(segment_role)
+                start = _write_segment(arrays, r, start, prompt, response, len(segment_role))
                 segment_prompt.append(k)
                 segment_role.append(role)
-                start = end
     ref = None
     if reference_logps is not None:
         ref = torch.as_tensor(np.asarray(reference_logps[indices], dtype=np.float32))
     return PackedBatch(
-        tokens=torch.from_numpy(tokens),
-        labels=torch.from_numpy(labels),
-        loss_mask=torch.from_numpy(loss_mask),
-        position_ids=torch.from_numpy(position_ids),
-        segment_ids=torch.from_numpy(segment_ids),
+        **{name: torch.from_numpy(array) for name, array in arrays.items()},
         segment_prompt=torch.tensor(segment_prompt, dtype=torch.long),
         segment_role=torch.tensor(segment_role, dtype=torch.long),
         prompt_index=torch.from_numpy(indices.copy()),
         reference_logps=ref,
     )
+
+
+def _empty_rows(rows: int, seq_length: int, pad_id: int) -> dict[str, np.ndarray]:
+    shape = (rows, seq_length)
+    return {
+        "tokens": np.full(shape, pad_id, dtype=np.int64),
+        "labels": np.full(shape, IGNORE_INDEX, dtype=np.int64),
+        "loss_mask": np.zeros(shape, dtype=bool),
+        "position_ids": np.zeros(shape, dtype=np.int64),
+        "segment_ids": np.full(shape, -1, dtype=np.int64),
+    }
+
+
+def _write_segment(
+    arrays: dict[str, np.ndarray],
+    row: int,
+    start: int,
+    prompt: np.ndarray,
+    response: np.ndarray,
+    segment: int,
+) -> int:
+    """Write one ``prompt + response`` segment at ``start`` of ``row``; returns where the next one starts."""
+    end = start + len(prompt) + len(response)
+    tokens = arrays["tokens"][row]
+    tokens[start:end] = np.concatenate([prompt, response])
+    arrays["labels"][row, start : end - 1] = tokens[start + 1 : end]
+    # The logits at position j predict token j+1: the response's tokens are predicted from the last prompt
+    # position up to the one before the segment's end.
+    arrays["loss_mask"][row, start + len(prompt) - 1 : end - 1] = True
+    arrays["position_ids"][row, start:end] = np.arange(end - start)
+    arrays["segment_ids"][row, start:end] = segment
+    return end
 
 
 def packing_efficiency(batch: PackedBatch) -> float:
