@@ -3,6 +3,7 @@ end-of-turn token; checked against the documented Llama 3, ChatML and Mistral fo
 
 import pytest
 
+from tests.data.local_tokenizers import WORDS, build_bpe_tokenizer
 from wrpo_nemo.data.records import DataError, Example
 from wrpo_nemo.data.templates import SPECIAL_TOKENS, TEMPLATES
 from wrpo_nemo.data.tokenize import (
@@ -69,20 +70,19 @@ def test_response_ends_with_one_end_of_turn_and_holds_no_header(family_tokenizer
         assert header not in ids
 
 
-def test_byte_level_response_decodes_to_the_answer_text(family_tokenizer):
-    family, tok = family_tokenizer
-    if family == "mistral" or tok.backend_tokenizer.decoder is None:
-        pytest.skip("only byte-level BPE decodes back to the exact text")
+@pytest.mark.parametrize("family", ["llama3", "chatml"])
+def test_byte_level_response_decodes_to_the_answer_text(family):
+    tok = build_bpe_tokenizer(family)
     out = _tokenize(tok)
     assert tok.decode(out["source_chosen_ids"], skip_special_tokens=True) == ANSWERS[0]
 
 
-def test_bos_appears_once_in_the_prompt(family_tokenizer):
-    family, tok = family_tokenizer
-    bos = SPECIAL_TOKENS[family]["bos"]
-    if bos is None:
-        pytest.skip("ChatML has no BOS")
-    assert _tokenize(tok)["prompt_ids"].count(tok.convert_tokens_to_ids(bos)) == 1
+@pytest.mark.parametrize("family", ["llama3", "mistral"])
+@pytest.mark.parametrize("kind", ["bpe", "word"])
+def test_bos_appears_once_in_the_prompt(family, kind):
+    tok = build_bpe_tokenizer(family) if kind == "bpe" else build_word_tokenizer(WORDS, family)
+    bos = tok.convert_tokens_to_ids(SPECIAL_TOKENS[family]["bos"])
+    assert _tokenize(tok)["prompt_ids"].count(bos) == 1
 
 
 def test_template_that_is_not_prefix_stable_is_refused():

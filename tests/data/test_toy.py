@@ -7,10 +7,15 @@ import time
 import pytest
 from transformers import AutoTokenizer
 
-from wrpo_nemo.data.cache import DataConfig, build_or_load
+from wrpo_nemo.data.cache import build_or_load
 from wrpo_nemo.data.records import ReadConfig, read_examples
-from wrpo_nemo.data.tokenize import TokenizeConfig
-from wrpo_nemo.data.toy import build_toy_dataset, build_toy_tokenizer, score_answer, toy_target
+from wrpo_nemo.data.toy import (
+    build_toy_dataset,
+    build_toy_tokenizer,
+    score_answer,
+    toy_data_config,
+    toy_target,
+)
 
 
 def _records(path):
@@ -53,19 +58,15 @@ def test_scorer_reads_answers_decoded_digit_by_digit():
         toy_target("hello")
 
 
-def test_a_few_thousand_examples_build_and_tokenise_in_seconds(tmp_path):
+def test_a_few_thousand_examples_build_and_tokenise_in_seconds_with_nothing_dropped(tmp_path):
     start = time.perf_counter()
-    path = build_toy_dataset(str(tmp_path), 4000, seed=0)["train"]
-    cfg = DataConfig(
-        sources=[path],
-        cache_dir=str(tmp_path / "cache"),
-        num_workers=1,
-        tokenize=TokenizeConfig(max_length=64, max_prompt_length=32, seq_length=256),
-    )
+    cfg = toy_data_config(str(tmp_path), num_examples=4000, seed=0)
+    cfg.num_workers = 1
     dataset = build_or_load(cfg, build_toy_tokenizer())
     assert time.perf_counter() - start < 20
     assert len(dataset) == 4000 and dataset.report["dropped_by_length"] == {}
-    examples, _ = read_examples([path], ReadConfig())
+    assert dataset.report["responses_truncated"] == 0
+    examples, _ = read_examples(cfg.sources, ReadConfig())
     assert len({e.prompt_id for e in examples}) == 4000
 
 

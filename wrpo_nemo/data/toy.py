@@ -17,7 +17,9 @@ import re
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
+from wrpo_nemo.data.cache import DataConfig
 from wrpo_nemo.data.templates import SPECIAL_TOKENS, TEMPLATES
+from wrpo_nemo.data.tokenize import TokenizeConfig
 
 PAD_TOKEN = "<|pad|>"
 UNK_TOKEN = "<|unk|>"
@@ -134,6 +136,22 @@ def build_toy_dataset(out_dir: str, num_examples: int = 4000, seed: int = 0) -> 
             handle.write(json.dumps(toy_example(rng, i)) + "\n")
     os.replace(tmp, path)
     return {"train": path}
+
+
+TOY_MAX_LENGTH = 64
+"""Longest toy segment the default lengths allow (prompts are about 16 tokens, answers at most about 20)."""
+
+
+def toy_data_config(
+    out_dir: str, num_examples: int = 4000, seed: int = 0, seq_length: int = 256
+) -> DataConfig:
+    """Write the toy records under ``out_dir`` and return the data config of the default run for them.
+
+    The tokenised cache goes to ``out_dir/cache``; ``seq_length`` must match the run's packed row length.
+    """
+    paths = build_toy_dataset(out_dir, num_examples, seed)
+    tokenize = TokenizeConfig(max_length=TOY_MAX_LENGTH, max_prompt_length=32, seq_length=seq_length)
+    return DataConfig(sources=[paths["train"]], cache_dir=os.path.join(out_dir, "cache"), tokenize=tokenize)
 
 
 _QUESTION = re.compile(r"what is (\d+) ([+-]) (\d+)")
