@@ -28,7 +28,8 @@ else
     [[ -x "$venv/bin/python" ]] || "$python" -m venv "$venv"
     # Keep the environment out of git without touching the top-level .gitignore.
     echo '*' >"$venv/.gitignore"
-    pip=("$venv/bin/python" -m pip install --quiet --disable-pip-version-check)
+    # -qq: errors only (this machine's pip config names local index folders that may be absent, one warning each).
+    pip=("$venv/bin/python" -m pip install -qq --disable-pip-version-check)
     # --no-deps everywhere: the lock holds the whole environment, and NeMo's own requirement lists would pull
     # CUDA builds. The lock is also passed as constraints so that torch stays the 2.13.0 CPU wheel.
     "${pip[@]}" --no-deps -r "$lock" -c "$lock"

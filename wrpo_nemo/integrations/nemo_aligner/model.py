@@ -312,6 +312,10 @@ class MegatronGPTWRPOModel(MegatronGPTDPOModel):
         if packed:
             if micro_batch_size != 1:
                 raise ValueError(f"packed WRPO batches need model.micro_batch_size=1, got {micro_batch_size}")
+            if not self.cfg.get("transformer_engine", False):
+                raise ValueError(
+                    "packed WRPO batches need TransformerEngine attention: model.transformer_engine=True"
+                )
         else:
             micro_batch_size *= NUM_ROLES  # a micro-batch holds three rows per prompt
         set_sync_funcs(self, forward_only)
