@@ -7,6 +7,7 @@ import torch
 
 from wrpo_nemo.data.cache import DataConfig, build_or_load
 from wrpo_nemo.data.loader import PackedBatchLoader, balanced_bins, sequential_batches
+from wrpo_nemo.data.packing import PackingError
 from wrpo_nemo.data.tokenize import TokenizeConfig
 from wrpo_nemo.data.toy import build_toy_dataset, build_toy_tokenizer
 
@@ -101,10 +102,14 @@ def test_a_new_data_parallel_size_continues_the_same_global_batches(dataset):
 def test_every_micro_batch_of_the_planned_epoch_has_the_planned_shape(dataset):
     loader = _loader(dataset, micro_batch_size=4, dp_size=1)
     assert loader.rows_per_micro_batch >= 2
+    real = total = 0
     for _ in range(loader.steps_per_epoch):
         for batch in loader.next_global_batch():
             batch.validate()
             assert tuple(batch.tokens.shape) == (loader.rows_per_micro_batch, SEQ)
+            real += int((batch.segment_ids >= 0).sum())
+            total += batch.tokens.numel()
+    assert loader.efficiency() == pytest.approx(real / total)
 
 
 def test_sft_stage_yields_one_source_chosen_segment_per_prompt(dataset):
@@ -119,8 +124,8 @@ def test_impossible_batch_settings_name_the_key(dataset):
         _loader(dataset, indices=np.arange(10))
     with pytest.raises(ValueError, match="dp_rank=2"):
         _loader(dataset, dp_rank=2)
-    with pytest.raises(ValueError, match="rows_per_micro_batch"):
-        _loader(dataset, rows_per_micro_batch=0)
+    with pytest.raises(PackingError, match=r"rows_per_micro_batch=1 is too small.*needs \d+ rows"):
+        _loader(dataset, micro_batch_size=8, rows_per_micro_batch=1)
 
 
 def test_a_position_from_another_order_is_refused(dataset):

@@ -192,11 +192,13 @@ def test_unknown_file_type_is_refused(tmp_path):
 def test_a_name_that_is_no_path_is_loaded_from_the_hub(monkeypatch, released):
     calls = []
 
-    def fake_load_dataset(name, split):
-        calls.append((name, split))
+    def fake_load_dataset(name, split, revision):
+        calls.append((name, split, revision))
         return datasets.Dataset.from_list([released(0)])
 
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
-    examples, _ = read_examples(["AALF/ultrafeedback_wrpo"], ReadConfig(hub_split="train"))
-    assert calls == [("AALF/ultrafeedback_wrpo", "train")]
+    examples, _ = read_examples(
+        ["AALF/ultrafeedback_wrpo"], ReadConfig(hub_split="train", hub_revision="abc")
+    )
+    assert calls == [("AALF/ultrafeedback_wrpo", "train", "abc")]
     assert examples[0].where == "AALF/ultrafeedback_wrpo: row 1"

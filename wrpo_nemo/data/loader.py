@@ -24,7 +24,7 @@ import numpy as np
 
 from wrpo_nemo.data.cache import TokenizedDataset
 from wrpo_nemo.data.layout import PackedBatch
-from wrpo_nemo.data.packing import Stage, group_lengths, pack_micro_batch, rows_needed
+from wrpo_nemo.data.packing import PackingError, Stage, group_lengths, pack_micro_batch, rows_needed
 
 
 class PromptOrder:
@@ -63,15 +63,17 @@ class PromptOrder:
     def epoch_order(self, epoch: int) -> np.ndarray:
         return np.random.default_rng([self.seed, epoch]).permutation(self.indices)
 
+    def step_micro_batches(self, order: np.ndarray, step: int) -> list[np.ndarray]:
+        """Dataset positions of every micro-batch of step ``step`` (all ranks, rank-major)."""
+        batch = order[step * self.global_batch_size : (step + 1) * self.global_batch_size]
+        if self.lengths is None:
+            return list(batch.reshape(-1, self.micro_batch_size))
+        return balanced_bins(batch, self.lengths[batch], len(batch) // self.micro_batch_size)
+
     def micro_batches(self, order: np.ndarray, step: int, dp_rank: int) -> list[np.ndarray]:
         """Dataset positions of each micro-batch of ``dp_rank`` in step ``step`` of an epoch's ``order``."""
-        batch = order[step * self.global_batch_size : (step + 1) * self.global_batch_size]
         per_rank = self.global_batch_size // (self.micro_batch_size * self.dp_size)
-        if self.lengths is None:
-            bins = list(batch.reshape(-1, self.micro_batch_size))
-        else:
-            bins = balanced_bins(batch, self.lengths[batch], len(batch) // self.micro_batch_size)
-        return bins[dp_rank * per_rank : (dp_rank + 1) * per_rank]
+        return self.step_micro_batches(order, step)[dp_rank * per_rank : (dp_rank + 1) * per_rank]
 
 
 def balanced_bins(items: np.ndarray, lengths: np.ndarray, num_bins: int) -> list[np.ndarray]:
@@ -128,27 +130,41 @@ class PackedBatchLoader:
         self.consumed = 0
         self._order_cache: tuple[int, np.ndarray] | None = None
         needed = self.plan_rows(plan_epochs)
-        if rows_per_micro_batch is None:
-            rows_per_micro_batch = needed
-        elif rows_per_micro_batch < 1:
-            raise ValueError(f"rows_per_micro_batch must be at least 1, got {rows_per_micro_batch}")
-        self.rows_per_micro_batch = rows_per_micro_batch
+        if rows_per_micro_batch is not None and rows_per_micro_batch < needed:
+            # Found now, at start-up, rather than at the step whose prompts would not fit.
+            raise PackingError(
+                f"rows_per_micro_batch={rows_per_micro_batch} is too small: a micro-batch of {micro_batch_size} "
+                f"prompts in the first {plan_epochs} epoch(s) needs {needed} rows of seq_length={seq_length}; "
+                "raise it (or leave it unset), raise seq_length or lower micro_batch_size"
+            )
+        self.rows_per_micro_batch = needed if rows_per_micro_batch is None else rows_per_micro_batch
 
     @property
     def steps_per_epoch(self) -> int:
         return self.order.steps_per_epoch
 
     def plan_rows(self, epochs: int) -> int:
-        """Most rows a micro-batch of any rank needs over the first ``epochs`` epochs (first-fit decreasing)."""
+        """Most rows a micro-batch of any rank needs over the first ``epochs`` epochs (first-fit decreasing).
+
+        Also sets :attr:`planned_tokens`, the real tokens of those micro-batches, for :meth:`efficiency`.
+        """
         lengths = group_lengths(self.dataset, self.stage)
-        most = 1
+        most, tokens, count = 1, 0, 0
         for epoch in range(epochs):
             order = self.order.epoch_order(epoch)
             for step in range(self.steps_per_epoch):
-                for rank in range(self.order.dp_size):
-                    for micro in self.order.micro_batches(order, step, rank):
-                        most = max(most, rows_needed(lengths[micro], self.seq_length))
+                for micro in self.order.step_micro_batches(order, step):
+                    most = max(most, rows_needed(lengths[micro], self.seq_length))
+                    tokens += int(lengths[micro].sum())
+                    count += 1
+        self.planned_tokens, self.planned_micro_batches = tokens, count
         return most
+
+    def efficiency(self) -> float:
+        """Real tokens / row tokens over the planned epochs at this loader's fixed micro-batch shape."""
+        return self.planned_tokens / (
+            self.planned_micro_batches * self.rows_per_micro_batch * self.seq_length
+        )
 
     def _epoch_order(self) -> np.ndarray:
         if self._order_cache is None or self._order_cache[0] != self.epoch:

@@ -78,6 +78,8 @@ class ReadConfig:
     """``error`` stops at the first bad record; ``skip`` drops it and counts it by cause in the report."""
     hub_split: str = "train"
     """Split to load when a source is a hub dataset name."""
+    hub_revision: str | None = None
+    """Commit or tag of a hub dataset; pin it, since the cache key of a hub source is its name and this."""
 
 
 @dataclass
@@ -105,7 +107,9 @@ class DataReport:
 # ---------------------------------------------------------------------------------------------- raw sources
 
 
-def iter_raw_records(source: str, hub_split: str = "train") -> Iterator[tuple[str, Any]]:
+def iter_raw_records(
+    source: str, hub_split: str = "train", hub_revision: str | None = None
+) -> Iterator[tuple[str, Any]]:
     """Yield ``(where, record)`` for every record of ``source``; ``record`` is a ``DataError`` when unreadable.
 
     A source is a ``.jsonl``/``.json`` file, a ``.parquet`` file, a folder written by ``save_to_disk``, or
@@ -124,7 +128,7 @@ def iter_raw_records(source: str, hub_split: str = "train") -> Iterator[tuple[st
     else:
         import datasets
 
-        yield from _iter_rows(datasets.load_dataset(source, split=hub_split), source)
+        yield from _iter_rows(datasets.load_dataset(source, split=hub_split, revision=hub_revision), source)
 
 
 def _load_from_disk(path: str) -> Any:
@@ -295,7 +299,7 @@ def read_examples(sources: list[str], cfg: ReadConfig) -> tuple[list[Example], D
     examples: list[Example] = []
     seen: set[str] = set()
     for source in sources:
-        for where, record in iter_raw_records(source, cfg.hub_split):
+        for where, record in iter_raw_records(source, cfg.hub_split, cfg.hub_revision):
             report.records_read += 1
             try:
                 example = parse_record(record, where, cfg)
