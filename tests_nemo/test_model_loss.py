@@ -163,3 +163,53 @@ def test_forward_step_loss_equals_wrpo_loss_on_log_softmax_of_the_model_output(
     torch.testing.assert_close(report["avg"], expected_loss, rtol=1e-5, atol=1e-6)
     for name, value in expected_metrics.items():
         torch.testing.assert_close(report[name], value, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_packed_forward_step_loss_equals_wrpo_loss_on_each_segments_log_softmax(
+    make_model: Any, nemo_tokenizer: Any, toy_records: Any
+) -> None:
+    """A packed row as NeMo-Aligner's collate gives it (cu_seqlens with a padded tail and -1 fill) through the
+    forward step: the loss is ``wrpo_loss`` on per-segment sums, segments in role order per prompt."""
+    from omegaconf import OmegaConf
+
+    from wrpo_nemo.integrations.nemo_aligner.packed import WRPOPackedDataset
+
+    cfg = OmegaConf.create({"data": {"max_prompt_length": 40}})
+    path, records = toy_records
+    dataset = WRPOPackedDataset(cfg, nemo_tokenizer, "train", path, range(len(records)), records, 160, 0)
+    row = dataset.data[0]
+    batch = dataset.global_collate_fn([row], eos_id=nemo_tokenizer.eos_id)
+    batch["ref_policy_log_probs"] = -torch.rand(
+        batch["input_ids"].shape, generator=torch.Generator().manual_seed(8)
+    )
+    vocab = nemo_tokenizer.vocab_size
+    table = torch.randn(vocab, vocab, generator=torch.Generator().manual_seed(9))
+
+    def fake_gpt(input_ids: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        assert kwargs["packed_seq_params"].qkv_format == "thd"
+        return table.to(input_ids.device)[input_ids]
+
+    model = make_model()
+    model.set_training_progress(5, 10)
+    output, loss_fn = model.get_forward_output_and_loss_func()(iter([dict(batch)]), fake_gpt)
+    loss, report = loss_fn(output)
+
+    tokens, labels = batch["input_ids"][0], batch["labels"][0]
+    logps = torch.log_softmax(table[tokens], -1).gather(-1, labels.clamp(min=0)[:, None])[:, 0]
+    bounds = batch["cu_seqlens"][0].tolist()
+    prompts = len(row["prompts"])
+    policy, reference = torch.zeros(prompts, ROLES), torch.zeros(prompts, ROLES)
+    for segment in range(ROLES * prompts):
+        start, end = bounds[segment], bounds[segment + 1]
+        used = labels[start:end] >= 0
+        policy[segment // ROLES, segment % ROLES] = logps[start:end][used].sum()
+        reference[segment // ROLES, segment % ROLES] = batch["ref_policy_log_probs"][0, start:end][used].sum()
+    expected_loss, expected_metrics = wrpo_loss(
+        policy, reference, alpha=alpha_at(5, 10, AlphaSchedule("linear", 0.1)), beta=0.01
+    )
+    assert (
+        prompts > 1 and bounds[ROLES * prompts] < batch["input_ids"].shape[1]
+    )  # several prompts, padded tail
+    torch.testing.assert_close(loss.cpu(), expected_loss, rtol=1e-5, atol=1e-6)
+    for name, value in expected_metrics.items():
+        torch.testing.assert_close(report[name].cpu(), value, rtol=1e-5, atol=1e-6, msg=name)
