@@ -10,6 +10,9 @@ reference policy by CPU weight swap or with LoRA adapters switched off are the p
   step, which :class:`~wrpo_nemo.integrations.nemo_aligner.trainer.WRPOTrainer` sets before every step;
 - metrics are ``wrpo_loss``'s (TRL names plus ``alpha`` and the per-response rewards), averaged over the
   data-parallel group and the micro-batches.
+
+The parent's two-way ``gather_and_split_rewards`` and ``sft_loss_func`` are left unused: only the parent's
+forward step called them, and this class replaces it (the SFT term is ``wrpo_loss``'s ``sft_weight``).
 """
 
 from __future__ import annotations
