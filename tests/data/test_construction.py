@@ -249,3 +249,21 @@ def test_command_line_runs_a_step_from_dashed_options(tmp_path):
     assert (example.source_chosen, example.target_chosen, example.rejected) == ("s-1", "t-1", "t-2")
     with open(f"{out}.report.json") as handle:
         assert json.load(handle) == {"selected": 1, "skipped_by_cause": {}}
+
+
+@pytest.mark.parametrize("pad", ["own", "none"])
+def test_scores_equal_the_reward_model_on_each_pair_alone(workspace, tmp_path, pad):
+    root, prompts, models = workspace
+    tok = build_toy_tokenizer()
+    if pad == "none":
+        tok.pad_token = None  # like Llama 3: batching must not pad with the end-of-turn token
+    rm = _tiny_llama(tok, LlamaForSequenceClassification, tmp_path / "rm", 11, num_labels=1)
+    gen = _generate(root / f"alone-{pad}", prompts, models["src_a"], [1, 2], model_name="a")
+    out = score(ScoreConfig(reward_model=rm, inputs=(gen,), output=str(tmp_path / "s.jsonl"), batch_size=4))
+    model = LlamaForSequenceClassification.from_pretrained(rm).eval()
+    for r in iter_jsonl([out]):
+        conversation = [*r["prompt"], {"role": "assistant", "content": r["response"]}]
+        text = tok.apply_chat_template(conversation, tokenize=False)
+        ids = torch.tensor([tok(text, add_special_tokens=False)["input_ids"]])
+        with torch.no_grad():
+            assert r["score"] == pytest.approx(float(model(input_ids=ids).logits[0, 0]), abs=1e-5)

@@ -50,52 +50,64 @@ def reward_of(output: Any) -> Any:
     return output.logits[:, 0]
 
 
-def score(cfg: ScoreConfig) -> str:
-    """Score every record of ``cfg.inputs`` (this shard) not yet in ``cfg.output``; returns the output path."""
-    import torch
+def _load(cfg: ScoreConfig) -> tuple[Any, Any, int]:
+    """Tokenizer, model, and how many pairs one forward pass may hold."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+    tokenizer = AutoTokenizer.from_pretrained(cfg.reward_model, trust_remote_code=cfg.trust_remote_code)
+    tokenizer.padding_side = "right"
+    model = AutoModelForSequenceClassification.from_pretrained(
+        cfg.reward_model, trust_remote_code=cfg.trust_remote_code, dtype=cfg.dtype
+    ).eval()
+    special = {tokenizer.eos_token_id, tokenizer.bos_token_id}
+    if tokenizer.pad_token_id is None or tokenizer.pad_token_id in special:
+        # Without a pad token of its own, padding with eos would make the classifier read its score at the
+        # wrong position (the first or the last end-of-turn token): score one pair per pass, unpadded.
+        return tokenizer, model, 1
+    if getattr(model.config, "pad_token_id", None) is None:
+        # Sequence classifiers read the last non-pad token; they need to know which id pads.
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return tokenizer, model, cfg.batch_size
+
+
+def _forward(tokenizer: Any, model: Any, texts: list[str], max_length: int) -> list[float]:
+    import torch
+
+    inputs = tokenizer(
+        texts,
+        return_tensors="pt",
+        padding=len(texts) > 1,
+        truncation=True,
+        max_length=max_length,
+        add_special_tokens=False,
+    )
+    with torch.no_grad():
+        return reward_of(model(**inputs)).float().tolist()
+
+
+def score(cfg: ScoreConfig) -> str:
+    """Score every record of ``cfg.inputs`` (this shard) not yet in ``cfg.output``; returns the output path."""
     records = shard_of(list(iter_jsonl(cfg.inputs)), cfg.shard_index, cfg.num_shards)
     done = resume_keys(cfg.output, record_key)
     todo = [r for r in records if record_key(r) not in done]
     if not todo:
         return cfg.output
-    tokenizer = AutoTokenizer.from_pretrained(cfg.reward_model, trust_remote_code=cfg.trust_remote_code)
-    tokenizer.padding_side = "right"
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForSequenceClassification.from_pretrained(
-        cfg.reward_model, trust_remote_code=cfg.trust_remote_code, dtype=cfg.dtype
-    ).eval()
-    if getattr(model.config, "pad_token_id", None) is None:
-        # Sequence classifiers read the last non-pad token; they need to know which id pads.
-        model.config.pad_token_id = tokenizer.pad_token_id
+    tokenizer, model, batch_size = _load(cfg)
     with JsonlSink(cfg.output) as sink:
-        for start in range(0, len(todo), cfg.batch_size):
-            batch = todo[start : start + cfg.batch_size]
+        for start in range(0, len(todo), batch_size):
+            batch = todo[start : start + batch_size]
             texts = [
                 tokenizer.apply_chat_template(
                     [*r["prompt"], {"role": "assistant", "content": r["response"]}], tokenize=False
                 )
                 for r in batch
             ]
-            inputs = tokenizer(
-                texts,
-                return_tensors="pt",
-                padding=True,
-                truncation=True,
-                max_length=cfg.max_length,
-                add_special_tokens=False,
-            )
-            truncated = [
-                len(tokenizer(t, add_special_tokens=False)["input_ids"]) > cfg.max_length for t in texts
-            ]
-            with torch.no_grad():
-                rewards = reward_of(model(**inputs)).float().tolist()
+            lengths = [len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
+            rewards = _forward(tokenizer, model, texts, cfg.max_length)
             sink.write(
                 [
-                    {**r, "score": s, "score_truncated": c}
-                    for r, s, c in zip(batch, rewards, truncated, strict=True)
+                    {**r, "score": s, "score_truncated": n > cfg.max_length}
+                    for r, s, n in zip(batch, rewards, lengths, strict=True)
                 ]
             )
     return cfg.output
