@@ -202,3 +202,23 @@ def test_a_name_that_is_no_path_is_loaded_from_the_hub(monkeypatch, released):
     )
     assert calls == [("AALF/ultrafeedback_wrpo", "train", "abc")]
     assert examples[0].where == "AALF/ultrafeedback_wrpo: row 1"
+
+
+def test_json_array_file_names_records_by_position(tmp_path, released):
+    path = tmp_path / "data.json"
+    bad = released(1)
+    bad["chosen"] = "x"
+    path.write_text(json.dumps([released(0), bad]))
+    with pytest.raises(DataError, match=r"data\.json: record 2: field 'chosen': expected a list"):
+        read_examples([str(path)], ReadConfig())
+    path.write_text(json.dumps([released(0)]))
+    assert _summary(read_examples([str(path)], ReadConfig())[0]) == [_expected(0)]
+
+
+def test_saved_folder_with_several_splits_asks_for_one(tmp_path, released):
+    folder = str(tmp_path / "dd")
+    rows = datasets.Dataset.from_list([released(0)])
+    datasets.DatasetDict({"train": rows, "test": rows}).save_to_disk(folder)
+    with pytest.raises(DataError, match="holds several splits"):
+        read_examples([folder], ReadConfig())
+    assert len(read_examples([f"{folder}/train"], ReadConfig())[0]) == 1

@@ -117,6 +117,8 @@ def iter_raw_records(
     """
     if os.path.isdir(source):
         yield from _iter_rows(_load_from_disk(source), source)
+    elif source.endswith(".json") and _starts_with_bracket(source):
+        yield from _iter_json_array(source)
     elif source.endswith((".jsonl", ".json")):
         yield from _iter_jsonl(source)
     elif source.endswith(".parquet"):
@@ -145,6 +147,27 @@ def _load_from_disk(path: str) -> Any:
 def _iter_rows(dataset: Any, name: str) -> Iterator[tuple[str, Any]]:
     for i, row in enumerate(dataset):
         yield f"{name}: row {i + 1}", row
+
+
+def _starts_with_bracket(path: str) -> bool:
+    with open(path, "rb") as handle:
+        return handle.read(4096).lstrip()[:1] == b"["
+
+
+def _iter_json_array(path: str) -> Iterator[tuple[str, Any]]:
+    """A ``.json`` file holding one list of records; records are named by their 1-based position."""
+    with open(path, "rb") as handle:
+        raw = handle.read()
+    try:
+        records = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as err:
+        raise DataError(
+            path, None, f"bytes are not UTF-8 ({err.reason} at byte {err.start})", "not_utf8"
+        ) from err
+    except json.JSONDecodeError as err:
+        raise DataError(path, None, f"invalid JSON ({err.msg}, line {err.lineno})", "invalid_json") from err
+    for i, record in enumerate(records):
+        yield f"{path}: record {i + 1}", record
 
 
 def _iter_jsonl(path: str) -> Iterator[tuple[str, Any]]:
