@@ -1,0 +1,106 @@
+#!/usr/bin/env bash
+# The body of every wrpo-nemo sbatch script (sourced by wrpo_1node.sbatch and wrpo_multinode.sbatch).
+#
+# One torchrun per node inside the pyxis/enroot container, rendezvous from the Slurm allocation, one log
+# folder per job, and preemption that loses at most one optimizer step:
+#   1. Slurm sends SIGUSR1 to every task `--signal` seconds before the time limit (or at preemption).
+#   2. node.sh (the task on each node) forwards it to the trainers under torchrun; each saves a checkpoint
+#      at its next step boundary, marks the stage `preempted` in summary.json and exits 0.
+#   3. This script sees the preempted flag and runs `scontrol requeue`; the requeued job (same id, log folder
+#      and run_dir) starts with checkpoint.resume=true, which every launch passes (a fresh run_dir just starts).
+#
+# Knobs (environment, all optional but CONTAINER_IMAGE):
+#   CONTAINER_IMAGE   enroot image (.sqsh file or registry#image:tag) built from the repository's Dockerfile
+#   RUN_DIR           host path of the run folder, mounted at the same path in the container
+#                     (default: $WRPO_ROOT/runs/<job name>)
+#   LOG_ROOT          where the per-job log folders go (default: $WRPO_ROOT/logs)
+#   EXTRA_MOUNTS      more container mounts, "src:dst[,src:dst]" (models, data)
+#   GPUS_PER_NODE     default: SLURM_GPUS_ON_NODE, else 8
+#   MAX_RESTARTS      requeue at most this many times (default 50)
+#   DRY_RUN=1         print the commands instead of running them (the requeue decision too)
+# Arguments are the recipe's: --config-name NAME key=value ...
+
+set -euo pipefail
+
+WRPO_ROOT="${WRPO_ROOT:-${SLURM_SUBMIT_DIR:-$(pwd)}}"
+CONTAINER_WORKDIR="${CONTAINER_WORKDIR:-/workspace/wrpo-nemo}"
+JOB_NAME="${SLURM_JOB_NAME:-wrpo}"
+JOB_ID="${SLURM_JOB_ID:?run this through sbatch (or set SLURM_* for a dry run)}"
+RESTART="${SLURM_RESTART_COUNT:-0}"
+NNODES="${SLURM_JOB_NUM_NODES:-${SLURM_NNODES:-1}}"
+GPUS_PER_NODE="${GPUS_PER_NODE:-${SLURM_GPUS_ON_NODE:-8}}"
+RUN_DIR="${RUN_DIR:-$WRPO_ROOT/runs/$JOB_NAME}"
+LOG_DIR="${LOG_ROOT:-$WRPO_ROOT/logs}/$JOB_NAME-$JOB_ID"
+MAX_RESTARTS="${MAX_RESTARTS:-50}"
+DRY_RUN="${DRY_RUN:-0}"
+
+# The first node of the allocation hosts the c10d rendezvous; a port derived from the job id keeps two jobs
+# sharing a node apart.
+MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"
+MASTER_PORT="${MASTER_PORT:-$((20000 + JOB_ID % 20000))}"
+
+# NCCL and CUDA settings for megatron-core on InfiniBand/NVLink clusters. CUDA_DEVICE_MAX_CONNECTIONS=1 keeps
+# megatron's tensor-parallel communication ordered with compute; async error handling turns a hung collective
+# into an error that ends the job instead of burning its allocation.
+export CUDA_DEVICE_MAX_CONNECTIONS=1
+export TORCH_NCCL_ASYNC_ERROR_HANDLING="${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}"
+export NCCL_DEBUG="${NCCL_DEBUG:-WARN}"
+export NCCL_IB_TIMEOUT="${NCCL_IB_TIMEOUT:-22}"
+export NCCL_IB_RETRY_CNT="${NCCL_IB_RETRY_CNT:-13}"
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-8}"
+export PYTHONUNBUFFERED=1
+
+mounts="$RUN_DIR:$RUN_DIR,$LOG_DIR:$LOG_DIR${EXTRA_MOUNTS:+,$EXTRA_MOUNTS}"
+
+srun_cmd=(
+  srun --nodes="$NNODES" --ntasks-per-node=1 --kill-on-bad-exit=1
+  --container-image="${CONTAINER_IMAGE:?set CONTAINER_IMAGE to the enroot image of the Dockerfile}"
+  --container-mounts="$mounts" --container-workdir="$CONTAINER_WORKDIR"
+  --output="$LOG_DIR/restart$RESTART-node%n.log"
+  bash scripts/slurm/node.sh "$LOG_DIR"
+  torchrun --nnodes="$NNODES" --nproc-per-node="$GPUS_PER_NODE"
+  --rdzv-backend=c10d --rdzv-endpoint="$MASTER_ADDR:$MASTER_PORT" --rdzv-id="$JOB_ID-$RESTART"
+  recipes/wrpo.py "$@" "run_dir=$RUN_DIR" checkpoint.resume=true
+)
+
+run() {
+  # Print (dry run) or log and execute one command.
+  local line
+  printf -v line '%q ' "$@"
+  echo "${line% }" | tee -a "$LOG_DIR/commands.txt"
+  if [[ "$DRY_RUN" != 1 ]]; then
+    "$@"
+  fi
+}
+
+preempted() {
+  # True when the run just written says a stage stopped early on a signal (summary.json newer than start).
+  local summary="$RUN_DIR/summary.json"
+  [[ -f "$summary" && "$summary" -nt "$LOG_DIR/restart$RESTART.start" ]] &&
+    grep -Eq '"preempted": *true' "$summary"
+}
+
+mkdir -p "$LOG_DIR" "$RUN_DIR"
+touch "$LOG_DIR/restart$RESTART.start"
+echo "job $JOB_ID ($JOB_NAME) restart $RESTART: $NNODES node(s) x $GPUS_PER_NODE GPUs," \
+  "rendezvous $MASTER_ADDR:$MASTER_PORT, run_dir $RUN_DIR, logs $LOG_DIR"
+env | grep -E '^(SLURM|NCCL|TORCH|CUDA|OMP)_' | sort >"$LOG_DIR/restart$RESTART.env"
+
+set +e
+run "${srun_cmd[@]}"
+status=$?
+set -e
+if [[ $status -ne 0 ]]; then
+  echo "training failed with exit status $status (logs: $LOG_DIR)" >&2
+  exit "$status"
+fi
+if preempted; then
+  if ((RESTART >= MAX_RESTARTS)); then
+    echo "preempted, but MAX_RESTARTS=$MAX_RESTARTS requeues are spent; resume by resubmitting" >&2
+    exit 1
+  fi
+  echo "preempted: checkpoint saved; requeueing job $JOB_ID to resume"
+  run scontrol requeue "$JOB_ID"
+else
+  echo "finished: $(cat "$RUN_DIR/summary.json" 2>/dev/null | tr -d '\n ' | head -c 300)"
+fi

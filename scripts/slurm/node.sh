@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# The task Slurm starts on each node (inside the container): runs the given torchrun command and forwards
+# Slurm's SIGUSR1/SIGTERM to the trainers themselves.
+#
+# torchrun does not pass SIGUSR1 on (it would die of it), and on SIGTERM it gives its workers only a fixed
+# grace period before SIGKILL. The trainers save at their next step boundary and exit 0 on either signal, so
+# the signal goes straight to torchrun's children (the trainers) and torchrun is left to exit with them.
+#
+#   bash scripts/slurm/node.sh LOG_DIR torchrun ... recipes/wrpo.py ...
+
+set -uo pipefail
+log_dir="$1"
+shift
+
+"$@" &
+launcher=$!
+echo "$launcher" >"$log_dir/torchrun-node${SLURM_NODEID:-0}.pid"
+
+forward() {
+  echo "node ${SLURM_NODEID:-0}: $1 received, asking the trainers to save and stop" >&2
+  pkill -USR1 -P "$launcher" || true
+}
+trap 'forward USR1' USR1
+trap 'forward TERM' TERM
+
+# `wait` returns early (status > 128) whenever a trapped signal arrives: keep waiting until torchrun exits.
+status=0
+while true; do
+  wait "$launcher"
+  status=$?
+  kill -0 "$launcher" 2>/dev/null || break
+done
+exit "$status"

@@ -1,0 +1,187 @@
+"""The Slurm scripts, run by bash with a fake Slurm: the exact commands, the requeue decision, signal forwarding.
+
+``scontrol`` and ``srun`` are small fakes on PATH that record their arguments; the fake ``srun`` can also play
+a trainer that was preempted (it writes summary.json as the recipe does) or one that crashed.
+"""
+
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+SLURM = ROOT / "scripts" / "slurm"
+HOSTS = ["gpu-a017", "gpu-a018", "gpu-a019", "gpu-a020"]
+
+FAKE_SCONTROL = """#!/usr/bin/env bash
+echo "scontrol $*" >> "$FAKE_CALLS"
+if [[ "$1 $2" == "show hostnames" ]]; then printf '%s\\n' $FAKE_HOSTS; fi
+"""
+FAKE_SRUN = """#!/usr/bin/env bash
+printf '%s\\n' "$@" > "$FAKE_SRUN_ARGS"
+case "$FAKE_TRAINER" in
+  preempted) echo '{"sft": {"steps": 7, "preempted": true}}' > "$RUN_DIR/summary.json" ;;
+  done) echo '{"sft": {"steps": 9, "preempted": false}}' > "$RUN_DIR/summary.json" ;;
+  crash) exit 3 ;;
+esac
+"""
+
+
+@pytest.fixture
+def slurm(tmp_path):
+    """Run an sbatch script as Slurm's batch step would, with fake scontrol/srun on PATH."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, text in (("scontrol", FAKE_SCONTROL), ("srun", FAKE_SRUN)):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+
+    def run(script: str, *args: str, nodes: int = 1, **env: str) -> subprocess.CompletedProcess:
+        full_env = {
+            "PATH": f"{bin_dir}:{os.environ['PATH']}",
+            "HOME": str(tmp_path),
+            "SLURM_JOB_ID": "4242",
+            "SLURM_JOB_NAME": "wrpo-test",
+            "SLURM_JOB_NUM_NODES": str(nodes),
+            "SLURM_JOB_NODELIST": "gpu-a[017-020]",
+            "SLURM_GPUS_ON_NODE": "8",
+            "SLURM_SUBMIT_DIR": str(ROOT),
+            "CONTAINER_IMAGE": "/images/wrpo-nemo.sqsh",
+            "RUN_DIR": str(tmp_path / "run"),
+            "LOG_ROOT": str(tmp_path / "logs"),
+            "FAKE_HOSTS": " ".join(HOSTS[:nodes]),
+            "FAKE_CALLS": str(tmp_path / "calls.txt"),
+            "FAKE_SRUN_ARGS": str(tmp_path / "srun_args.txt"),
+            "FAKE_TRAINER": "none",
+            **env,
+        }
+        return subprocess.run(
+            ["bash", str(SLURM / script), *args], env=full_env, capture_output=True, text=True, timeout=60
+        )
+
+    return run
+
+
+def expected_srun(tmp_path: Path, nodes: int, restart: int, *recipe_args: str) -> list[str]:
+    run_dir, log_dir = tmp_path / "run", tmp_path / "logs" / "wrpo-test-4242"
+    return [
+        "srun", f"--nodes={nodes}", "--ntasks-per-node=1", "--kill-on-bad-exit=1",
+        "--container-image=/images/wrpo-nemo.sqsh", f"--container-mounts={run_dir}:{run_dir},{log_dir}:{log_dir}",
+        "--container-workdir=/workspace/wrpo-nemo", f"--output={log_dir}/restart{restart}-node%n.log",
+        "bash", "scripts/slurm/node.sh", str(log_dir),
+        "torchrun", f"--nnodes={nodes}", "--nproc-per-node=8", "--rdzv-backend=c10d",
+        f"--rdzv-endpoint=gpu-a017:{20000 + 4242}", f"--rdzv-id=4242-{restart}",
+        "recipes/wrpo.py", *recipe_args, f"run_dir={run_dir}", "checkpoint.resume=true",
+    ]  # fmt: skip
+
+
+def sbatch_options(script: str) -> dict[str, str]:
+    lines = [
+        x[len("#SBATCH ") :] for x in (SLURM / script).read_text().splitlines() if x.startswith("#SBATCH ")
+    ]
+    return dict(x.lstrip("-").split("=", 1) if "=" in x else (x.lstrip("-"), "") for x in lines)
+
+
+def test_dry_run_prints_the_exact_one_node_command_and_runs_nothing(slurm, tmp_path):
+    args = [
+        "--config-name",
+        "wrpo_llama3_8b",
+        "model.checkpoint=/models/sft",
+        "data.source.sources=[a.jsonl,b]",
+    ]
+    out = slurm("wrpo_1node.sbatch", *args, DRY_RUN="1")
+    assert out.returncode == 0, out.stderr
+    printed = [shlex.split(line) for line in out.stdout.splitlines() if line.startswith("srun ")]
+    assert printed == [expected_srun(tmp_path, 1, 0, *args)]
+    assert not (tmp_path / "srun_args.txt").exists(), "dry run started srun"
+    log_dir = tmp_path / "logs" / "wrpo-test-4242"
+    assert shlex.split((log_dir / "commands.txt").read_text()) == expected_srun(tmp_path, 1, 0, *args)
+    env_dump = (log_dir / "restart0.env").read_text()
+    assert "CUDA_DEVICE_MAX_CONNECTIONS=1" in env_dump and "TORCH_NCCL_ASYNC_ERROR_HANDLING=1" in env_dump
+
+
+def test_multinode_rendezvous_is_on_the_first_node_with_one_torchrun_per_node(slurm, tmp_path):
+    out = slurm("wrpo_multinode.sbatch", "--config-name", "wrpo_llama3_70b", nodes=4, DRY_RUN="1",
+                SLURM_RESTART_COUNT="2")  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    (line,) = [line for line in out.stdout.splitlines() if line.startswith("srun ")]
+    assert shlex.split(line) == expected_srun(tmp_path, 4, 2, "--config-name", "wrpo_llama3_70b")
+    assert "scontrol show hostnames gpu-a[017-020]" in (tmp_path / "calls.txt").read_text()
+
+
+def test_sbatch_headers_request_the_warning_signal_requeue_and_whole_nodes():
+    for script, nodes in (("wrpo_1node.sbatch", "1"), ("wrpo_multinode.sbatch", "4")):
+        opts = sbatch_options(script)
+        assert opts["nodes"] == nodes and opts["gpus-per-node"] == "8" and opts["ntasks-per-node"] == "1"
+        # Without "B:" Slurm signals the job step's tasks (node.sh), not only the batch shell.
+        assert opts["signal"].startswith("USR1@") and int(opts["signal"].split("@")[1]) >= 120
+        assert "requeue" in opts and opts["open-mode"] == "append" and "exclusive" in opts
+
+
+def test_a_preempted_run_requeues_the_job_and_a_finished_one_does_not(slurm, tmp_path):
+    out = slurm("wrpo_1node.sbatch", "stages=[sft]", FAKE_TRAINER="preempted", SLURM_RESTART_COUNT="1")
+    assert out.returncode == 0, out.stderr
+    srun_args = (tmp_path / "srun_args.txt").read_text().split("\n")[:-1]
+    assert ["srun", *srun_args] == expected_srun(tmp_path, 1, 1, "stages=[sft]")
+    assert "scontrol requeue 4242" in (tmp_path / "calls.txt").read_text()
+    (tmp_path / "calls.txt").unlink()
+    out = slurm("wrpo_1node.sbatch", "stages=[sft]", FAKE_TRAINER="done", SLURM_RESTART_COUNT="2")
+    assert out.returncode == 0, out.stderr
+    assert "requeue" not in (tmp_path / "calls.txt").read_text()
+    assert "finished" in out.stdout
+
+
+def test_a_stale_preempted_summary_or_a_crash_never_requeues(slurm, tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "summary.json").write_text(json.dumps({"sft": {"preempted": True}}))
+    old = time.time() - 3600
+    os.utime(run_dir / "summary.json", (old, old))
+    out = slurm("wrpo_1node.sbatch", FAKE_TRAINER="none")
+    assert out.returncode == 0 and "requeue" not in (tmp_path / "calls.txt").read_text()
+    out = slurm("wrpo_1node.sbatch", FAKE_TRAINER="crash")
+    assert out.returncode == 3 and "requeue" not in (tmp_path / "calls.txt").read_text()
+
+
+def test_requeues_stop_after_max_restarts(slurm, tmp_path):
+    out = slurm("wrpo_1node.sbatch", FAKE_TRAINER="preempted", SLURM_RESTART_COUNT="5", MAX_RESTARTS="5")
+    assert out.returncode == 1 and "MAX_RESTARTS" in out.stderr
+    assert "requeue" not in (tmp_path / "calls.txt").read_text()
+
+
+FAKE_TORCHRUN = """
+import signal, subprocess, sys
+trainer = "import signal, sys, time\\n" \\
+    "def stop(sig, frame):\\n" \\
+    "    open(sys.argv[1], 'w').write(signal.Signals(sig).name)\\n" \\
+    "    sys.exit(0)\\n" \\
+    "signal.signal(signal.SIGUSR1, stop)\\n" \\
+    "open(sys.argv[1] + '.ready', 'w').close()\\n" \\
+    "time.sleep(60)\\n" \\
+    "sys.exit(5)\\n"
+# Like torchrun: SIGUSR1 would kill this launcher, so only its child (the trainer) may receive it.
+child = subprocess.Popen([sys.executable, "-c", trainer, sys.argv[1]])
+sys.exit(child.wait())
+"""
+
+
+def test_node_wrapper_forwards_slurms_signal_to_the_trainers_and_exits_with_their_status(tmp_path):
+    marker = tmp_path / "trainer.signal"
+    cmd = ["bash", str(SLURM / "node.sh"), str(tmp_path), sys.executable, "-c", FAKE_TORCHRUN, str(marker)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 30
+    while not Path(f"{marker}.ready").exists():
+        assert time.time() < deadline and proc.poll() is None, proc.communicate()
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGUSR1)
+    _, stderr = proc.communicate(timeout=30)
+    assert proc.returncode == 0, stderr
+    assert marker.read_text() == "SIGUSR1"
+    assert "asking the trainers to save and stop" in stderr
+    assert (tmp_path / "torchrun-node0.pid").read_text().strip().isdigit()
