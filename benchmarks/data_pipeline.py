@@ -8,6 +8,13 @@ tokenising into the cache with ``--workers`` processes, and of packing; the shar
 global batch of 128 prompts is packed into rows of ``seq_length`` (first-fit decreasing), when it is cut into
 fixed-shape micro-batches as the loader makes them, and when every sequence is padded to the longest of its
 batch (the reference program's layout).
+
+Measured 2026-11-27 on the 2-core CPU machine (shared, load ~3.8), defaults: 19,540 of 20,000 records kept
+(266 response_too_long, 194 exceeds_seq_length), 404 records/s to read, check, tokenise and cache with 2
+workers, 17,700 prompts/s to pack, 395 records/s for both; mean 1,838 tokens per prompt's three segments.
+Real tokens: 95.9% packed (128 prompts into rows of 4096), 72.3% / 85.1% in the loader's fixed-shape
+micro-batches of 8 / 32 prompts (5 / 17 rows, the most any micro-batch of the epoch needs), 32.6% padded to
+the longest of 128 prompts.
 """
 
 from __future__ import annotations
