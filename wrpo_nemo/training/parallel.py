@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 import os
+import socket
 
 import torch
 import torch.distributed as dist
 
 from wrpo_nemo import compat
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def initialize_parallel(
@@ -27,7 +34,8 @@ def initialize_parallel(
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
         if world_size == 1:
             os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-            os.environ.setdefault("MASTER_PORT", "29500")
+            # A lone process needs no agreed port: take a free one, so runs side by side do not collide.
+            os.environ.setdefault("MASTER_PORT", str(_free_port()))
         dist.init_process_group(
             compat.default_backend(), rank=int(os.environ.get("RANK", "0")), world_size=world_size
         )

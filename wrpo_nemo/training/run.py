@@ -123,7 +123,7 @@ def _loss_builder(cfg: RunConfig, stage: str, alpha: float, vocab_size: int):
     return lambda batch: partial(wrpo_loss_func, batch, alpha, cfg.wrpo.loss, vocab_size)
 
 
-def _evaluate(cfg, stage, inputs, model, dp, device, reference, alpha) -> dict[str, float]:
+def _evaluate(cfg, stage, inputs, model, dp, device, reference, alpha, ref_model=None) -> dict[str, float]:
     """Forward-only loss and metrics on (up to ``logging.eval_prompts``) held-out prompts."""
     section = getattr(cfg, stage)
     per_pass = section.micro_batch_size * dp
@@ -133,9 +133,12 @@ def _evaluate(cfg, stage, inputs, model, dp, device, reference, alpha) -> dict[s
     eval_section = StageSection(global_batch_size=count, micro_batch_size=section.micro_batch_size)
     loader = _loader(cfg, eval_section, stage, inputs, inputs.splits["eval"][:count], dp, reference)
     forward_step = make_forward_step(_loss_builder(cfg, stage, alpha, inputs.model_cfg.vocab_size), device)
+    batches = loader.next_global_batch()
+    if ref_model is not None:
+        attach_online_reference(ref_model, batches, device, inputs.model_cfg.vocab_size)
     model.eval()
     with torch.no_grad():
-        outputs = run_schedule(model, forward_step, loader.next_global_batch(), forward_only=True)
+        outputs = run_schedule(model, forward_step, batches, forward_only=True)
     model.train()
     return reduce_metrics(outputs)
 
@@ -244,7 +247,11 @@ def run_stage(
         metrics.update(_gpu_throughput(tokens, seconds, flops_per_token, ref_model is not None))
         logger.log(step, metrics)
         if cfg.logging.eval_interval and step % cfg.logging.eval_interval == 0 and step < total:
-            logger.log(step, _evaluate(cfg, stage, inputs, model, dp, device, reference, alpha), split="eval")
+            logger.log(
+                step,
+                _evaluate(cfg, stage, inputs, model, dp, device, reference, alpha, ref_model),
+                split="eval",
+            )
         preempted = preemption.agreed()
         if (
             preempted
@@ -254,7 +261,9 @@ def run_stage(
             if step == total or preempted:
                 break
             save(finished=False)
-    eval_metrics = {} if preempted else _evaluate(cfg, stage, inputs, model, dp, device, reference, alpha)
+    eval_metrics = (
+        {} if preempted else _evaluate(cfg, stage, inputs, model, dp, device, reference, alpha, ref_model)
+    )
     if eval_metrics:
         logger.log(step, eval_metrics, split="eval")
     path = save(finished=not preempted)
