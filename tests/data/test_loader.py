@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from wrpo_nemo.data.cache import DataConfig, build_or_load
-from wrpo_nemo.data.loader import PackedBatchLoader, balanced_bins, sequential_batches
+from wrpo_nemo.data.loader import PackedBatchLoader, PromptOrder, balanced_bins, sequential_batches
 from wrpo_nemo.data.packing import PackingError
 from wrpo_nemo.data.tokenize import TokenizeConfig
 from wrpo_nemo.data.toy import build_toy_dataset, build_toy_tokenizer
@@ -130,7 +130,14 @@ def test_impossible_batch_settings_name_the_key(dataset):
 
 def test_a_position_from_another_order_is_refused(dataset):
     state = _loader(dataset).state_dict()
-    for key, value in (("seed", 8), ("num_prompts", 99), ("dataset_key", "other")):
+    changed = (
+        ("seed", 8),
+        ("num_prompts", 99),
+        ("dataset_key", "other"),
+        ("global_batch_size", 32),
+        ("stratify_window", 1),
+    )
+    for key, value in changed:
         with pytest.raises(ValueError, match=f"data {key}"):
             _loader(dataset).load_state_dict({**state, key: value})
     with pytest.raises(ValueError, match="not a multiple"):
@@ -171,3 +178,19 @@ def test_sequential_batches_cover_every_prompt_once_across_ranks_in_one_shape(da
             seen.extend(batch.prompt_index.tolist())
     assert sorted(seen) == indices.tolist()
     assert len(shapes) == 1 and next(iter(shapes))[1] == SEQ
+
+
+def test_length_stratified_epochs_see_each_prompt_once_in_global_batches_of_similar_weight():
+    rng = np.random.default_rng(1)
+    lengths = rng.lognormal(7, 0.7, size=5000).astype(np.int64)
+    indices = np.arange(5000)
+
+    def spread(window):
+        order = PromptOrder(indices, 128, 8, 1, seed=3, lengths=lengths, stratify_window=window)
+        epoch = order.epoch_order(0)
+        used = epoch[: order.steps_per_epoch * 128]
+        assert sorted(epoch.tolist()) == indices.tolist() and len(set(used.tolist())) == len(used)
+        totals = [int(lengths[used[i : i + 128]].sum()) for i in range(0, len(used), 128)]
+        return max(totals) - min(totals)
+
+    assert spread(32) < spread(1) / 4

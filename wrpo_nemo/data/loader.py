@@ -4,14 +4,14 @@ A *global batch* is ``global_batch_size`` prompts (128 in the paper), one optimi
 rank takes a contiguous ``global_batch_size / dp_size`` share of it and cuts it into micro-batches of
 ``micro_batch_size`` prompts (gradient accumulation runs over them); the prompts of a global batch are dealt
 to its micro-batches by length (longest first, to the lightest) so that micro-batches carry similar token
-counts. Every micro-batch is packed into the
-same ``[rows_per_micro_batch, seq_length]`` shape, which megatron's pipeline schedules need. When
+counts. Every micro-batch is packed into the same ``[rows_per_micro_batch, seq_length]`` shape, which megatron's pipeline schedules need. When
 ``rows_per_micro_batch`` is not given it is the most rows any micro-batch of the planned epochs needs.
 
-The order of an epoch is a permutation seeded by ``(seed, epoch)``; the position is the number of prompts
+The order of an epoch is a permutation seeded by ``(seed, epoch)``, length-stratified over windows of
+``stratify_window`` global batches (see :meth:`PromptOrder.epoch_order`); the position is the number of prompts
 consumed in the current epoch. So the checkpointed state is a small dict, and it stays valid when the number
-of data-parallel ranks changes (the order does not depend on it), or when the global batch size changes to
-one that divides the consumed count.
+of data-parallel ranks changes (neither the order nor the micro-batches depend on it; only which rank takes
+which micro-batches does). A different seed, prompt set, dataset, global batch size or window is refused.
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ class PromptOrder:
         dp_size: int,
         seed: int,
         lengths: np.ndarray | None = None,
+        stratify_window: int = 32,
     ) -> None:
         if micro_batch_size < 1 or dp_size < 1:
             raise ValueError("micro_batch_size and the data-parallel size must be at least 1")
@@ -57,11 +58,29 @@ class PromptOrder:
         self.seed = seed
         self.lengths = lengths
         """Row tokens of every dataset position; when given, micro-batches are balanced by them."""
+        self.stratify_window = stratify_window
+        """Global batches whose prompts are dealt out by length so each gets a similar mix (1: plain shuffle)."""
         self.steps_per_epoch = len(self.indices) // global_batch_size
         """Optimizer steps per epoch; the last partial global batch of an epoch is left out."""
 
     def epoch_order(self, epoch: int) -> np.ndarray:
-        return np.random.default_rng([self.seed, epoch]).permutation(self.indices)
+        """A permutation of the prompts seeded by ``(seed, epoch)``, length-stratified by window."""
+        order = np.random.default_rng([self.seed, epoch]).permutation(self.indices)
+        if self.lengths is None or self.stratify_window < 2:
+            return order
+        # Global batches of a shuffled window are dealt its prompts longest first in snake order, so every
+        # global batch holds a similar mix of lengths: the fixed rows of a micro-batch, sized for the worst
+        # micro-batch of the epoch, then sit close to the average. Each epoch still sees every prompt once.
+        size = self.global_batch_size
+        usable = self.steps_per_epoch * size
+        for start in range(0, usable, self.stratify_window * size):
+            window = order[start : min(start + self.stratify_window * size, usable)]
+            count = len(window) // size
+            ranked = window[np.argsort(-self.lengths[window], kind="stable")]
+            lap, slot = np.divmod(np.arange(len(ranked)), count)
+            batch = np.where(lap % 2 == 0, slot, count - 1 - slot)
+            order[start : start + len(window)] = np.concatenate([ranked[batch == b] for b in range(count)])
+        return order
 
     def step_micro_batches(self, order: np.ndarray, step: int) -> list[np.ndarray]:
         """Dataset positions of every micro-batch of step ``step`` (all ranks, rank-major)."""
@@ -112,6 +131,7 @@ class PackedBatchLoader:
         rows_per_micro_batch: int | None = None,
         reference_logps: np.ndarray | None = None,
         plan_epochs: int = 1,
+        stratify_window: int = 32,
     ) -> None:
         if not 0 <= dp_rank < dp_size:
             raise ValueError(f"dp_rank={dp_rank} is outside the data-parallel size {dp_size}")
@@ -121,7 +141,13 @@ class PackedBatchLoader:
             )
         self.dataset = dataset
         self.order = PromptOrder(
-            indices, global_batch_size, micro_batch_size, dp_size, seed, group_lengths(dataset, stage)
+            indices,
+            global_batch_size,
+            micro_batch_size,
+            dp_size,
+            seed,
+            group_lengths(dataset, stage),
+            stratify_window,
         )
         self.stage, self.seq_length, self.pad_id = stage, seq_length, pad_id
         self.dp_rank = dp_rank
@@ -204,6 +230,8 @@ class PackedBatchLoader:
             "seed": self.order.seed,
             "num_prompts": len(self.order.indices),
             "dataset_key": self.dataset.key,
+            "global_batch_size": self.order.global_batch_size,
+            "stratify_window": self.order.stratify_window,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -212,6 +240,8 @@ class PackedBatchLoader:
             ("seed", self.order.seed),
             ("num_prompts", len(self.order.indices)),
             ("dataset_key", self.dataset.key),
+            ("global_batch_size", self.order.global_batch_size),
+            ("stratify_window", self.order.stratify_window),
         ):
             if state[name] != mine:
                 raise ValueError(f"the checkpoint's data {name} is {state[name]!r}, this run's is {mine!r}")
