@@ -9,12 +9,12 @@ global batch of 128 prompts is packed into rows of ``seq_length`` (first-fit dec
 fixed-shape micro-batches as the loader makes them, and when every sequence is padded to the longest of its
 batch (the reference program's layout).
 
-Measured 2026-11-27 on the 2-core CPU machine (shared, load ~3.8), defaults: 19,540 of 20,000 records kept
-(266 response_too_long, 194 exceeds_seq_length), 404 records/s to read, check, tokenise and cache with 2
-workers, 17,700 prompts/s to pack, 395 records/s for both; mean 1,838 tokens per prompt's three segments.
-Real tokens: 95.9% packed (128 prompts into rows of 4096), 72.3% / 85.1% in the loader's fixed-shape
-micro-batches of 8 / 32 prompts (5 / 17 rows, the most any micro-batch of the epoch needs), 32.6% padded to
-the longest of 128 prompts.
+Measured 2026-11-27 on the 2-core CPU machine (shared with other jobs, load ~3), defaults: 19,540 of 20,000
+records kept (266 response_too_long, 194 exceeds_seq_length); 471 records/s to read, check, tokenise and
+cache with 2 workers; 16,300 prompts/s to pack; 458 records/s for both (43.6 s); 1,838 tokens per prompt's
+three segments on average. Real tokens: 95.9% packed (128 prompts into rows of 4096); 89.7% in the loader's
+fixed-shape micro-batches of 8 / 16 / 32 prompts (4 / 8 / 16 rows, the most any micro-batch of the epoch
+needs); 32.6% padded to the longest of 128 prompts (the reference layout).
 """
 
 from __future__ import annotations
@@ -119,7 +119,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--seq-length", type=int, default=4096)
     parser.add_argument("--batch-prompts", type=int, default=128)
-    parser.add_argument("--micro-batch-sizes", type=int, nargs="+", default=[8, 32])
+    parser.add_argument("--micro-batch-sizes", type=int, nargs="+", default=[8, 16, 32])
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "records.jsonl")
