@@ -1,11 +1,13 @@
 """Deterministic, resumable order of prompts, and the per-data-parallel-rank micro-batches of each step.
 
-A *global batch* is ``global_batch_size`` prompts (128 in the paper), one optimizer step. Each data-parallel
-rank takes a contiguous ``global_batch_size / dp_size`` share of it and cuts it into micro-batches of
-``micro_batch_size`` prompts (gradient accumulation runs over them); the prompts of a global batch are dealt
-to its micro-batches by length (longest first, to the lightest) so that micro-batches carry similar token
-counts. Every micro-batch is packed into the same ``[rows_per_micro_batch, seq_length]`` shape, which megatron's pipeline schedules need. When
-``rows_per_micro_batch`` is not given it is the most rows any micro-batch of the planned epochs needs.
+A *global batch* is ``global_batch_size`` prompts (128 in the paper), one optimizer step. It is cut into
+``global_batch_size / micro_batch_size`` micro-batches of ``micro_batch_size`` prompts each, dealt by length
+(longest first, to the lightest) so that they carry similar token counts; data-parallel rank ``r`` takes the
+``r``-th contiguous ``1 / dp_size`` of them and runs them as its gradient-accumulation steps. Every
+micro-batch is packed into the same ``[rows_per_micro_batch, seq_length]`` shape, which megatron's pipeline
+schedules need; unless given, ``rows_per_micro_batch`` is the most rows any micro-batch of the planned
+epochs needs. Loss normalisation is the engine's: a micro-batch holds ``micro_batch_size`` prompts and a
+step ``global_batch_size``.
 
 The order of an epoch is a permutation seeded by ``(seed, epoch)``, length-stratified over windows of
 ``stratify_window`` global batches (see :meth:`PromptOrder.epoch_order`); the position is the number of prompts
@@ -113,7 +115,14 @@ def balanced_bins(items: np.ndarray, lengths: np.ndarray, num_bins: int) -> list
 
 
 class PackedBatchLoader:
-    """Yields, step after step, this rank's packed micro-batches; its position is part of the checkpoint."""
+    """Yields, step after step, this rank's packed micro-batches; its position is part of the checkpoint.
+
+    ``indices`` are the dataset positions to train on (a split); ``stage`` is ``"wrpo"`` (three segments per
+    prompt) or ``"sft"`` (y_ws only); ``pad_id`` fills padding (any valid id; the loss never sees it);
+    ``reference_logps`` (``[len(dataset), 3]``) rides along into every batch; ``plan_epochs`` is how many
+    epochs the run trains (rows are planned over them; a later epoch may need more and then fails with
+    :class:`PackingError`); ``stratify_window`` is described in :class:`PromptOrder`.
+    """
 
     def __init__(
         self,
