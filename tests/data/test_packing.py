@@ -131,3 +131,46 @@ def test_first_fit_decreasing_places_every_group_once_without_overflow():
         # First-fit decreasing is within 11/9 OPT + 1 of the optimum; the sum bound is a floor on OPT.
         assert len(rows) <= 11 / 9 * np.ceil(lengths.sum() / 100) + 1
         assert rows_needed(lengths, 100) == len(rows)
+
+
+def test_packed_rows_give_each_response_the_log_prob_it_has_alone(toy):
+    """The whole contract at once: tokens, position ids, segment ids (through the layout's block mask), labels
+    and loss mask of a packed batch give every response the summed log-prob a model gives it unpacked."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from wrpo_nemo.data.layout import attention_mask_from_segments
+
+    dataset, pad = toy
+    batch = pack_micro_batch(dataset, [0, 1, 2, 3, 4], "wrpo", SEQ, rows=3, pad_id=pad)
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=SEQ,
+        attn_implementation="eager",
+    )
+    model = LlamaForCausalLM(config).eval()
+    blocked = attention_mask_from_segments(batch.segment_ids)
+    additive = torch.zeros(blocked.shape).masked_fill(blocked, torch.finfo(torch.float32).min)
+    with torch.no_grad():
+        logits = model(
+            input_ids=batch.tokens, position_ids=batch.position_ids, attention_mask=additive
+        ).logits
+    token_logps = torch.log_softmax(logits, -1).gather(-1, batch.labels.clamp(min=0)[..., None])[..., 0]
+    sums = torch.zeros(batch.num_segments).index_add_(
+        0, batch.segment_ids.clamp(min=0).flatten(), (token_logps * batch.loss_mask).flatten()
+    )
+    for seg in range(batch.num_segments):
+        index = int(batch.prompt_index[batch.segment_prompt[seg]])
+        prompt = torch.from_numpy(dataset.ids("prompt", index).astype(np.int64))
+        response = torch.from_numpy(
+            dataset.ids(ROLE_NAMES[int(batch.segment_role[seg])], index).astype(np.int64)
+        )
+        with torch.no_grad():
+            alone = torch.log_softmax(model(input_ids=torch.cat([prompt, response])[None]).logits[0], -1)
+        expected = alone[len(prompt) - 1 : -1].gather(-1, response[:, None])[:, 0].sum()
+        assert float(sums[seg]) == pytest.approx(float(expected), abs=1e-4)
