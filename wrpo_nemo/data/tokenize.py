@@ -65,44 +65,46 @@ def eot_token_id(tokenizer: Any, cfg: TokenizeConfig) -> int:
     return int(token_id)
 
 
-def _ids(tokenizer: Any, text: str) -> list[int]:
-    # The template writes the special tokens (BOS included) itself; adding them again would double BOS.
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
-
-
 def _render(tokenizer: Any, messages: list[dict], generation_prompt: bool) -> str:
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
 
 
-def encode_prompt(tokenizer: Any, example: Example) -> tuple[str, list[int]]:
-    """The rendered prompt (with the generation prompt) and its ids."""
+def render_turns(tokenizer: Any, example: Example) -> tuple[str, list[str]]:
+    """The prompt rendered with the generation prompt, and the conversation rendered with each response."""
     try:
-        text = _render(tokenizer, list(example.prompt), True)
+        prompt_text = _render(tokenizer, list(example.prompt), True)
+        full_texts = [
+            _render(
+                tokenizer, [*example.prompt, {"role": "assistant", "content": getattr(example, name)}], False
+            )
+            for name in RESPONSE_FIELDS
+        ]
     except Exception as err:  # the template's own raise_exception, e.g. a role it does not support
         raise DataError(
             example.where, "prompt", f"the chat template refused it: {err}", "template_refused"
         ) from err
-    return text, _ids(tokenizer, text)
+    return prompt_text, full_texts
 
 
-def encode_response(
-    tokenizer: Any,
+def response_suffix(
     example: Example,
-    prompt_text: str,
-    prompt_ids: list[int],
-    response: str,
     name: str,
+    prompt: tuple[str, list[int]],
+    full: tuple[str, list[int]],
     eot_id: int,
 ) -> list[int]:
-    """The ids the template appends for ``response`` as the next assistant turn, ending with one eot token."""
-    full_text = _render(tokenizer, [*example.prompt, {"role": "assistant", "content": response}], False)
+    """The ids the template appends for response ``name`` as the next assistant turn, ending with one eot.
+
+    ``prompt`` and ``full`` are ``(text, ids)`` of the prompt with the generation prompt and of the
+    conversation with the response.
+    """
+    (prompt_text, prompt_ids), (full_text, full_ids) = prompt, full
     if not full_text.startswith(prompt_text):
         raise TemplateError(
             f"{example.where}: the chat template is not prefix-stable: the prompt rendered with the generation "
             "prompt is not the start of the conversation rendered with the answer, so response tokens are not a "
             f"suffix; first 80 characters of each: {prompt_text[:80]!r} vs {full_text[:80]!r}"
         )
-    full_ids = _ids(tokenizer, full_text)
     if full_ids[: len(prompt_ids)] != prompt_ids:
         raise TemplateError(
             f"{example.where}: the tokenizer merges tokens across the end of the prompt, so the prompt ids are not "
@@ -129,10 +131,15 @@ def tokenize_example(tokenizer: Any, example: Example, cfg: TokenizeConfig, eot_
     Returns a dict with ``prompt_ids``, ``<role>_ids`` for every role, ``status`` (``"ok"`` or the cause of
     a drop), ``prompt_truncated`` (bool) and ``responses_truncated`` (how many responses were cut).
     """
-    prompt_text, prompt_ids = encode_prompt(tokenizer, example)
+    prompt_text, full_texts = render_turns(tokenizer, example)
+    # One call for the four texts; the template writes the special tokens (BOS included) itself, so adding
+    # them again would double BOS.
+    prompt_ids, *full_ids = (
+        list(ids) for ids in tokenizer([prompt_text, *full_texts], add_special_tokens=False)["input_ids"]
+    )
     responses = [
-        encode_response(tokenizer, example, prompt_text, prompt_ids, getattr(example, name), name, eot_id)
-        for name in RESPONSE_FIELDS
+        response_suffix(example, name, (prompt_text, prompt_ids), (text, ids), eot_id)
+        for name, text, ids in zip(RESPONSE_FIELDS, full_texts, full_ids, strict=True)
     ]
     out = apply_length_policy(prompt_ids, responses, cfg)
     out["prompt_id"] = example.prompt_id
