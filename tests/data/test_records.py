@@ -222,3 +222,20 @@ def test_saved_folder_with_several_splits_asks_for_one(tmp_path, released):
     with pytest.raises(DataError, match="holds several splits"):
         read_examples([folder], ReadConfig())
     assert len(read_examples([f"{folder}/train"], ReadConfig())[0]) == 1
+
+
+def test_response_given_as_whole_conversation_keeps_the_assistant_turn(write_jsonl):
+    user = {"role": "user", "content": "Hi?"}
+    record = {
+        "prompt_id": "c",
+        "prompt": "Hi?",
+        "source_chosen": [user, {"role": "assistant", "content": "a"}],
+        "target_chosen": "b",
+        "rejected": [user, {"role": "assistant", "content": "c"}],
+    }
+    cfg = ReadConfig(layout="explicit", system_prompt="Be brief.")
+    (example,), _ = read_examples([write_jsonl([record])], cfg)
+    assert (example.source_chosen, example.target_chosen, example.rejected) == ("a", "b", "c")
+    record["rejected"][0] = {"role": "user", "content": "Other?"}
+    with pytest.raises(DataError, match=r"line 1: field 'rejected': the conversation's earlier turns"):
+        read_examples([write_jsonl([record], name="mismatch.jsonl")], cfg)

@@ -221,6 +221,7 @@ def _message(value: Any, where: str, name: str) -> Message:
 
 
 def parse_prompt(value: Any, where: str, name: str, system_prompt: str | None = None) -> tuple[Message, ...]:
+    """The prompt as messages ending with a user turn; ``system_prompt`` goes first unless one is there."""
     if isinstance(value, str):
         messages = [{"role": "user", "content": value}]
     elif isinstance(value, dict):
@@ -243,8 +244,16 @@ def parse_prompt(value: Any, where: str, name: str, system_prompt: str | None = 
     return tuple(messages)
 
 
-def _response(value: Any, where: str, name: str) -> str:
-    """A response is a string, an assistant message, or a one-message list holding it."""
+def _response(value: Any, where: str, name: str, prompt: tuple[Message, ...]) -> str:
+    """A response is a string, an assistant message, a one-message list holding it, or a whole conversation
+    (the prompt's turns, then the assistant's) as in UltraFeedback-style binary preference data."""
+    if isinstance(value, list) and len(value) > 1:
+        turns = tuple(_message(m, where, f"{name}[{i}]") for i, m in enumerate(value[:-1]))
+        if turns != prompt:
+            raise DataError(
+                where, name, "the conversation's earlier turns are not the prompt", "prompt_mismatch"
+            )
+        value = value[-1:]
     if isinstance(value, list) and len(value) == 1:
         value = value[0]
     if isinstance(value, dict):
@@ -286,20 +295,19 @@ def parse_record(record: Any, where: str, cfg: ReadConfig) -> Example:
         raise record
     if not isinstance(record, dict):
         raise DataError(where, None, f"a record must be an object, got {type(record).__name__}", "wrong_type")
-    prompt = parse_prompt(
-        _need(record, cfg.prompt_column, where), where, cfg.prompt_column, cfg.system_prompt
-    )
+    given = parse_prompt(_need(record, cfg.prompt_column, where), where, cfg.prompt_column)
+    prompt = parse_prompt(list(given), where, cfg.prompt_column, cfg.system_prompt)
     if cfg.layout == "released":
         chosen = _pair(record, cfg.chosen_column, where, 2)
         rejected = _pair(record, cfg.rejected_column, where, 1)
         ys = [
-            _response(chosen[0], where, f"{cfg.chosen_column}[0]"),
-            _response(chosen[1], where, f"{cfg.chosen_column}[1]"),
-            _response(rejected[0], where, f"{cfg.rejected_column}[0]"),
+            _response(chosen[0], where, f"{cfg.chosen_column}[0]", given),
+            _response(chosen[1], where, f"{cfg.chosen_column}[1]", given),
+            _response(rejected[0], where, f"{cfg.rejected_column}[0]", given),
         ]
     elif cfg.layout == "explicit":
         columns = (cfg.source_chosen_column, cfg.target_chosen_column, cfg.rejected_column)
-        ys = [_response(_need(record, c, where), where, c) for c in columns]
+        ys = [_response(_need(record, c, where), where, c, given) for c in columns]
     else:
         raise ValueError(f"data.layout must be 'released' or 'explicit', got {cfg.layout!r}")
     if cfg.prompt_id_column is None:
