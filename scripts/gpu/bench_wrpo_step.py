@@ -1,0 +1,236 @@
+"""Throughput of one WRPO optimizer step on this machine's accelerator: tokens/s, model TFLOP/s and MFU.
+
+    python scripts/gpu/bench_wrpo_step.py                 # Llama-3-8B shape with 4 layers, seq 4096, bf16
+    python scripts/gpu/bench_wrpo_step.py --layers 2 --hidden 64 --heads 4 --groups 2 --ffn 128 --vocab 512 \
+        --seq 128 --prompt-len 8 --response-len 12 --matmul-size 128      # seconds on a CPU, for tests
+
+The step is the trainer's own (megatron's schedule, Megatron DDP and optimizer, the WRPO loss on packed rows of
+three responses per prompt), on synthetic token ids with stored reference log-probs, as the WRPO stage runs
+with ``wrpo.reference=precompute``. MFU is given against two peaks: a bf16 matmul measured here first (what the
+card delivers to a large GEMM) and the vendor's dense figure (``wrpo_nemo.compat.peak_bf16_tflops``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from wrpo_nemo import compat
+from wrpo_nemo.data.layout import IGNORE_INDEX, PackedBatch
+from wrpo_nemo.models.config import ModelConfig
+from wrpo_nemo.models.presets import get_preset
+
+
+def synthetic_wrpo_batch(
+    *, rows: int, seq_length: int, prompt_len: int, response_len: int, vocab_size: int, seed: int = 0
+) -> PackedBatch:
+    """A packed WRPO micro-batch of random ids: as many whole prompts (three segments each) as fit a row.
+
+    Every segment is ``prompt + response``; labels are the next id of the same segment, the loss mask covers
+    the ``response_len`` predictions of response ids; reference log-probs are a plausible constant.
+    """
+    seg_len = prompt_len + response_len
+    per_row = seq_length // (3 * seg_len)
+    if per_row < 1:
+        raise ValueError(f"seq_length={seq_length} cannot hold one prompt's three {seg_len}-token segments")
+    gen = torch.Generator().manual_seed(seed)
+    shape = (rows, seq_length)
+    tokens = torch.zeros(shape, dtype=torch.long)
+    labels = torch.full(shape, IGNORE_INDEX, dtype=torch.long)
+    loss_mask = torch.zeros(shape, dtype=torch.bool)
+    position_ids = torch.zeros(shape, dtype=torch.long)
+    segment_ids = torch.full(shape, -1, dtype=torch.long)
+    segment_prompt, segment_role = [], []
+    for row in range(rows):
+        for p in range(per_row):
+            prompt = torch.randint(1, vocab_size, (prompt_len,), generator=gen)
+            for role in range(3):
+                seq = torch.cat([prompt, torch.randint(1, vocab_size, (response_len,), generator=gen)])
+                start = (p * 3 + role) * seg_len
+                span = slice(start, start + seg_len)
+                tokens[row, span] = seq
+                labels[row, start : start + seg_len - 1] = seq[1:]
+                # Positions prompt_len - 1 .. seg_len - 2 predict the response ids.
+                loss_mask[row, start + prompt_len - 1 : start + seg_len - 1] = True
+                position_ids[row, span] = torch.arange(seg_len)
+                segment_ids[row, span] = len(segment_role)
+                segment_prompt.append(row * per_row + p)
+                segment_role.append(role)
+    prompts = rows * per_row
+    return PackedBatch(
+        tokens=tokens,
+        labels=labels,
+        loss_mask=loss_mask,
+        position_ids=position_ids,
+        segment_ids=segment_ids,
+        segment_prompt=torch.tensor(segment_prompt),
+        segment_role=torch.tensor(segment_role),
+        prompt_index=torch.arange(prompts),
+        reference_logps=torch.full((prompts, 3), -2.0 * response_len),
+    )
+
+
+def llama3_8b_shaped(layers: int, **overrides: int) -> ModelConfig:
+    """Llama-3-8B's hidden size, heads, GQA groups, FFN and vocabulary with fewer layers (or other overrides)."""
+    fields = {"hidden": "hidden_size", "heads": "num_attention_heads", "groups": "num_query_groups",
+              "ffn": "ffn_hidden_size", "vocab": "vocab_size"}  # fmt: skip
+    changes = {fields[k]: v for k, v in overrides.items() if v is not None}
+    return dataclasses.replace(get_preset("llama3_8b"), num_layers=layers, **changes)
+
+
+def _sync() -> None:
+    if compat.cuda_available():
+        torch.cuda.synchronize()
+
+
+def measure_matmul_tflops(size: int, iters: int = 20) -> tuple[float, str]:
+    """Achieved TFLOP/s of a square matmul (bf16 on a GPU; fp32 on a CPU, where bf16 GEMMs are emulated)."""
+    dtype = torch.bfloat16 if compat.cuda_available() else torch.float32
+    a = torch.randn(size, size, dtype=dtype, device=compat.device())
+    b = torch.randn(size, size, dtype=dtype, device=compat.device())
+    for _ in range(3):
+        a @ b
+    _sync()
+    start = time.perf_counter()
+    for _ in range(iters):
+        a @ b
+    _sync()
+    return 2 * size**3 * iters / (time.perf_counter() - start) / 1e12, str(dtype).removeprefix("torch.")
+
+
+def time_wrpo_steps(cfg: ModelConfig, batches: list[PackedBatch], steps: int, warmup: int) -> dict:
+    """Build the model and optimizer, run ``warmup + steps`` WRPO steps on ``batches``; time the last ``steps``."""
+    from wrpo_nemo.training.engine import OptimSettings, build_model, build_optimizer, train_step, wrap_ddp
+    from wrpo_nemo.training.step import WrpoLossSettings, make_forward_step, wrpo_loss_func
+
+    device = compat.device()
+    model = build_model(cfg, precision="bf16" if compat.cuda_available() else "fp32")
+    if compat.cuda_available():
+        model = model.cuda()
+    ddp = wrap_ddp(model)
+    optimizer, scheduler = build_optimizer(ddp, OptimSettings(lr=1e-6), total_steps=steps + warmup)
+    settings = WrpoLossSettings(beta=0.01)
+    forward_step = make_forward_step(
+        lambda b: lambda out, b=b: wrpo_loss_func(b, 0.05, settings, cfg.vocab_size, out), device
+    )
+    batches = [b.to(device) for b in batches]
+    elapsed, losses = 0.0, []
+    for step in range(warmup + steps):
+        _sync()
+        start = time.perf_counter()
+        metrics = train_step(ddp, optimizer, scheduler, forward_step, batches)
+        _sync()
+        losses.append(metrics["loss"])
+        if step >= warmup:
+            elapsed += time.perf_counter() - start
+    memory = torch.cuda.max_memory_allocated() / 2**30 if compat.cuda_available() else float("nan")
+    return {"seconds": elapsed, "losses": losses, "peak_memory_gib": memory,
+            "params": sum(p.numel() for p in model.parameters())}  # fmt: skip
+
+
+def benchmark(args: argparse.Namespace) -> dict:
+    """Measure the matmul peak, then the WRPO step; returns every number the table prints."""
+    from wrpo_nemo.training.outputs import model_flops_per_token
+    from wrpo_nemo.training.parallel import destroy_parallel, initialize_parallel
+
+    initialize_parallel(1, 1, seed=0)
+    try:
+        peak, peak_dtype = measure_matmul_tflops(args.matmul_size)
+        cfg = llama3_8b_shaped(args.layers, hidden=args.hidden, heads=args.heads, groups=args.groups,
+                               ffn=args.ffn, vocab=args.vocab)  # fmt: skip
+        shape = dict(seq_length=args.seq, prompt_len=args.prompt_len, response_len=args.response_len)
+        batches = [
+            synthetic_wrpo_batch(rows=args.rows, vocab_size=cfg.vocab_size, seed=i, **shape)
+            for i in range(args.micro_batches)
+        ]
+        timing = time_wrpo_steps(cfg, batches, args.steps, args.warmup)
+    finally:
+        destroy_parallel()
+    tokens = args.steps * sum(int((b.segment_ids >= 0).sum()) for b in batches)
+    tokens_per_s = tokens / timing["seconds"]
+    flops_per_token = model_flops_per_token(cfg, args.prompt_len + args.response_len)
+    tflops = flops_per_token * tokens_per_s / 1e12
+    vendor = compat.peak_bf16_tflops()
+    return {
+        "device": torch.cuda.get_device_name() if compat.cuda_available() else "cpu",
+        "torch": torch.__version__,
+        "model": f"{cfg.num_layers} layers, hidden {cfg.hidden_size}, heads {cfg.num_attention_heads}/"
+        f"{cfg.num_query_groups}, ffn {cfg.ffn_hidden_size}, vocab {cfg.vocab_size}",
+        "params": timing["params"],
+        "seq_length": args.seq,
+        "tokens_per_step": tokens // args.steps,
+        "prompts_per_step": sum(b.num_prompts for b in batches),
+        "step_s": timing["seconds"] / args.steps,
+        "tokens_per_s": tokens_per_s,
+        "flops_per_token": flops_per_token,
+        "model_tflops": tflops,
+        "matmul_peak_tflops": peak,
+        "matmul_dtype": peak_dtype,
+        "mfu_measured_peak": tflops / peak,
+        "vendor_peak_tflops": vendor,
+        "mfu_vendor_peak": tflops / vendor if vendor else None,
+        "peak_memory_gib": timing["peak_memory_gib"],
+        "losses": timing["losses"],
+    }
+
+
+def table(result: dict, extra: list[tuple[str, str]] = ()) -> str:
+    """The numbers (and ``extra`` rows first) as one aligned two-column table."""
+    vendor = result["vendor_peak_tflops"]
+    rows = [*extra,
+        ("device", result["device"]), ("torch", result["torch"]), ("model", result["model"]),
+        ("parameters", f"{result['params'] / 1e6:,.1f} M"),
+        ("tokens / step", f"{result['tokens_per_step']} ({result['prompts_per_step']} prompts x 3, seq {result['seq_length']})"),
+        ("step time", f"{result['step_s']:.3f} s"), ("tokens/s", f"{result['tokens_per_s']:,.0f}"),
+        ("model TFLOP/s", f"{result['model_tflops']:.4g} ({result['flops_per_token'] / 1e9:.4g} GFLOP/token)"),
+        (f"matmul peak ({result['matmul_dtype']})", f"{result['matmul_peak_tflops']:.4g} TFLOP/s measured"),
+        ("MFU vs measured peak", f"{100 * result['mfu_measured_peak']:.1f} %"),
+        ("vendor bf16 peak", f"{vendor:.0f} TFLOP/s" if vendor else "unknown"),
+        ("MFU vs vendor peak", f"{100 * result['mfu_vendor_peak']:.1f} %" if vendor else "n/a"),
+        ("peak memory", f"{result['peak_memory_gib']:.1f} GiB"),
+    ]  # fmt: skip
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--layers", type=int, default=4)
+    for name in ("hidden", "heads", "groups", "ffn", "vocab"):
+        p.add_argument(f"--{name}", type=int, help="override Llama-3-8B's value")
+    p.add_argument("--seq", type=int, default=4096, help="packed row length")
+    p.add_argument("--prompt-len", type=int, default=512)
+    p.add_argument("--response-len", type=int, default=768)
+    p.add_argument("--rows", type=int, default=1, help="packed rows per micro-batch")
+    p.add_argument("--micro-batches", type=int, default=4, help="micro-batches per optimizer step")
+    p.add_argument("--steps", type=int, default=6, help="timed steps")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--matmul-size", type=int, default=8192)
+    p.add_argument("--json", type=Path, help="also write the numbers here")
+    p.add_argument("--table-from", type=Path, help="print the table of a --json file instead of measuring")
+    p.add_argument("--row", action="append", default=[], metavar="NAME=VALUE", help="extra first rows")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    extra = [tuple(r.split("=", 1)) for r in args.row]
+    if args.table_from:
+        result = json.loads(args.table_from.read_text())
+        print(table(result, extra), flush=True)
+        return result
+    result = benchmark(args)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=1))
+    print(table(result, extra), flush=True)
+    return result
+
+
+if __name__ == "__main__":
+    main()

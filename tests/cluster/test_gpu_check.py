@@ -1,0 +1,98 @@
+"""The GPU check's CPU-runnable parts: the script end to end (GPU tests skip here), its install decision,
+the benchmark's arithmetic, the synthetic WRPO batch, and the wheel pins."""
+
+import importlib.util
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import tomllib
+import torch
+
+from wrpo_nemo.data.layout import IGNORE_INDEX
+from wrpo_nemo.models.config import ModelConfig
+from wrpo_nemo.training.outputs import model_flops_per_token
+
+ROOT = Path(__file__).resolve().parents[2]
+_spec = importlib.util.spec_from_file_location(
+    "bench_wrpo_step", ROOT / "scripts" / "gpu" / "bench_wrpo_step.py"
+)
+bench = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(bench)
+TINY_BENCH = ["--layers", "2", "--hidden", "64", "--heads", "4", "--groups", "2", "--ffn", "128", "--vocab", "512",
+              "--seq", "128", "--prompt-len", "8", "--response-len", "12", "--matmul-size", "128", "--steps", "2",
+              "--warmup", "1", "--micro-batches", "2"]  # fmt: skip
+
+
+def gpu_check(tmp_path: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, "PYTHON": sys.executable, "OUT": str(tmp_path / "out"),
+                "GPU_SITE": str(tmp_path / "site"), "OMP_NUM_THREADS": "1", **env}  # fmt: skip
+    cmd = ["bash", str(ROOT / "scripts" / "gpu_check.sh"), *args]
+    return subprocess.run(cmd, env=full_env, capture_output=True, text=True, timeout=240, cwd=ROOT)
+
+
+def test_synthetic_wrpo_batch_keeps_the_packed_layout_contract():
+    batch = bench.synthetic_wrpo_batch(rows=2, seq_length=100, prompt_len=5, response_len=7, vocab_size=50)
+    batch.validate()
+    assert batch.num_prompts == 2 * (100 // 36) and batch.num_segments == 3 * batch.num_prompts
+    assert batch.segment_role.tolist() == [0, 1, 2] * batch.num_prompts
+    for seg in range(batch.num_segments):
+        where = batch.segment_ids == seg
+        tokens, labels, mask = batch.tokens[where], batch.labels[where], batch.loss_mask[where]
+        assert batch.position_ids[where].tolist() == list(range(12))
+        assert torch.equal(labels[:-1], tokens[1:]) and labels[-1] == IGNORE_INDEX
+        # The loss covers exactly the predictions of the 7 response ids.
+        assert torch.equal(labels[mask], tokens[5:])
+    prompts = batch.tokens[batch.segment_ids >= 0].view(-1, 3, 12)[:, :, :5]
+    assert torch.equal(prompts[:, 0], prompts[:, 1]) and torch.equal(prompts[:, 0], prompts[:, 2])
+
+
+def test_gpu_check_runs_end_to_end_on_a_cpu_and_its_table_follows_from_its_measurements(tmp_path):
+    out = gpu_check(tmp_path, *TINY_BENCH)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "nothing to install" in out.stdout
+    assert re.search(r"GPU tests\s+2 skipped", out.stdout), out.stdout[-2000:]
+    result = json.loads((tmp_path / "out" / "bench.json").read_text())
+    cfg = bench.llama3_8b_shaped(2, hidden=64, heads=4, groups=2, ffn=128, vocab=512)
+    assert isinstance(cfg, ModelConfig) and cfg.vocab_size == 512 and cfg.num_query_groups == 2
+    # 2 micro-batches x 1 row x 2 prompts (128 // 60) x 3 segments x 20 tokens.
+    assert result["tokens_per_step"] == 2 * 1 * 2 * 3 * 20 and result["prompts_per_step"] == 4
+    assert result["flops_per_token"] == pytest.approx(model_flops_per_token(cfg, 20))
+    assert result["tokens_per_s"] == pytest.approx(result["tokens_per_step"] / result["step_s"])
+    assert result["model_tflops"] == pytest.approx(result["flops_per_token"] * result["tokens_per_s"] / 1e12)
+    assert result["mfu_measured_peak"] == pytest.approx(result["model_tflops"] / result["matmul_peak_tflops"])
+    assert len(result["losses"]) == 3 and all(x == x for x in result["losses"])
+    assert f"{result['tokens_per_s']:,.0f}" in out.stdout.split("== result")[1]
+
+
+def test_dry_run_installs_only_what_does_not_import_and_passes_benchmark_arguments(tmp_path):
+    hidden = tmp_path / "no_megatron"
+    (hidden / "megatron").mkdir(parents=True)
+    (hidden / "megatron" / "__init__.py").write_text("raise ImportError('not on this machine')\n")
+    out = gpu_check(
+        tmp_path, "--dry-run", "--layers", "3", PYTHONPATH=str(hidden), WHEELS=str(tmp_path / "w")
+    )
+    assert out.returncode == 0, out.stderr
+    commands = [line[2:] for line in out.stdout.splitlines() if line.startswith("+ ")]
+    assert commands[0].endswith(f"--find-links {tmp_path / 'w'} --target {tmp_path / 'site'} megatron-core")
+    assert "--no-index --no-deps" in commands[0] and "torch" not in commands[0].split("--target")[1]
+    assert commands[1].startswith("timeout 150 ") and " -m pytest -m gpu tests/gpu " in commands[1]
+    assert commands[2].endswith(f"bench_wrpo_step.py --json {tmp_path / 'out' / 'bench.json'} --layers 3")
+
+
+def test_wheel_pins_match_the_project_and_this_environment():
+    text = (ROOT / "scripts" / "gpu" / "prepare_wheels.sh").read_text()
+    pins = dict(re.findall(r"^\s+([a-z-]+)==([\w.]+)$", text, re.M))
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    assert f"megatron-core=={pins['megatron-core']}" in deps
+    assert "torch" not in pins
+    from importlib.metadata import version
+
+    for name, pinned in pins.items():
+        assert version(name) == pinned, name
+    needs = re.search(r"NEEDS=\((.*?)\)", (ROOT / "scripts" / "gpu_check.sh").read_text(), re.S).group(1)
+    assert sorted(n.split("=")[0] for n in needs.split()) == sorted(pins)
