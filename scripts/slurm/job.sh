@@ -36,7 +36,9 @@ DRY_RUN="${DRY_RUN:-0}"
 
 # The first node of the allocation hosts the c10d rendezvous; a port derived from the job id keeps two jobs
 # sharing a node apart.
-MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"
+# (Read whole: `| head -n 1` could kill scontrol with SIGPIPE, which pipefail turns into a failed job.)
+mapfile -t hosts < <(scontrol show hostnames "$SLURM_JOB_NODELIST")
+MASTER_ADDR="${hosts[0]:?scontrol returned no hosts for SLURM_JOB_NODELIST=$SLURM_JOB_NODELIST}"
 MASTER_PORT="${MASTER_PORT:-$((20000 + JOB_ID % 20000))}"
 
 # NCCL and CUDA settings for megatron-core on InfiniBand/NVLink clusters. CUDA_DEVICE_MAX_CONNECTIONS=1 keeps

@@ -24,10 +24,18 @@ trap 'forward USR1' USR1
 trap 'forward TERM' TERM
 
 # `wait` returns early (status > 128) whenever a trapped signal arrives: keep waiting until torchrun exits.
+# If it exited during the interrupted wait, one more `wait` still yields its real status (127: already had it).
 status=0
 while true; do
   wait "$launcher"
   status=$?
-  kill -0 "$launcher" 2>/dev/null || break
+  if ((status <= 128)) || ! kill -0 "$launcher" 2>/dev/null; then
+    break
+  fi
 done
+if ((status > 128)); then
+  wait "$launcher" 2>/dev/null
+  again=$?
+  ((again == 127)) || status=$again
+fi
 exit "$status"
