@@ -69,7 +69,7 @@ def _run_engine(folder: Path, steps: int, warmup: int, batch: int, seq_length: i
     load_hf_weights(model, folder / "hf", folder / "imported")
     indices = np.arange(len(dataset))
     reference = compute_reference_logps(
-        model, dataset, indices, micro_batch_size=batch, seq_length=seq_length, rows=3 * batch, pad_id=tokenizer.pad_token_id,
+        model, dataset, indices, micro_batch_size=batch, seq_length=seq_length, pad_id=tokenizer.pad_token_id,
         device=device, vocab_size=cfg.vocab_size,
     )  # fmt: skip
     loader = PackedBatchLoader(

@@ -25,14 +25,16 @@ SMALL = [
     "logging.log_interval=1",
 ]
 TIMING = {"tokens_per_s", "step_time_s"}
+# A user's shell, not a leftover of other tests' process groups in this pytest process.
+_DIST_VARS = ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE")
+ENV = {**{k: v for k, v in os.environ.items() if k not in _DIST_VARS}, "OMP_NUM_THREADS": "1"}
 
 
 def recipe(
     run_dir: Path, *overrides: str, timeout: int = 300, check: bool = True
 ) -> subprocess.CompletedProcess:
     cmd = [sys.executable, str(ROOT / "recipes" / "wrpo.py"), f"run_dir={run_dir}", *SMALL, *overrides]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=ENV, cwd=ROOT)
     if check and out.returncode != 0:
         raise AssertionError(f"recipe failed ({out.returncode}):\n{out.stdout[-3000:]}\n{out.stderr[-5000:]}")
     return out
@@ -125,7 +127,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_zero_then_resume_finishes(tmp_path
     cmd = [sys.executable, str(ROOT / "recipes" / "wrpo.py"), f"run_dir={run_dir}", *SMALL,
            "stages=[sft]", "sft.max_steps=null", "sft.epochs=200", "export.hf=false"]  # fmt: skip
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+                            env=ENV)  # fmt: skip
     log = run_dir / "sft" / "metrics.jsonl"
     deadline = time.time() + 240
     while time.time() < deadline and not (log.is_file() and len(log.read_text().splitlines()) >= 3):

@@ -11,9 +11,36 @@ from tests.dist_utils import run_distributed
 from wrpo_nemo.data.cache import DataConfig, TokenizedDataset, build_or_load
 from wrpo_nemo.data.layout import ROLE_NAMES
 from wrpo_nemo.data.tokenize import TokenizeConfig
-from wrpo_nemo.data.toy import build_toy_dataset, build_toy_tokenizer
+from wrpo_nemo.data.toy import build_toy_tokenizer
 
-INDICES = np.arange(10)
+INDICES = np.arange(12)
+
+
+def _varied_records(path: Path) -> str:
+    """Records whose lengths vary a lot from one prompt to the next (consecutive micro-batches need
+    different numbers of packed rows), in the toy vocabulary."""
+    import json
+    import random
+
+    from wrpo_nemo.data.toy import TOY_WORDS
+
+    rng = random.Random(0)
+    words = [w for w in TOY_WORDS if w not in ("system", "user", "assistant")]
+
+    def text(n: int) -> str:
+        return " ".join(rng.choice(words) for _ in range(n))
+
+    with open(path, "w") as handle:
+        for i in range(16):
+            size = 60 if i % 4 == 0 else 4
+            record = {
+                "prompt_id": f"p{i}",
+                "prompt": text(size // 2 + 1),
+                "chosen": [text(size), text(size // 2 + 1)],
+                "rejected": [text(size // 3 + 1)],
+            }
+            handle.write(json.dumps(record) + "\n")
+    return str(path)
 
 
 def _engine_logps(rank, world_size, tp, hf_dir, cache_path, out_file):
@@ -30,7 +57,7 @@ def _engine_logps(rank, world_size, tp, hf_dir, cache_path, out_file):
         load_hf_weights(model, hf_dir, Path(out_file).parent / f"imported-tp{tp}")
         dataset = TokenizedDataset(cache_path)
         logps = compute_reference_logps(
-            model, dataset, INDICES, micro_batch_size=2, seq_length=256, rows=2, pad_id=0, device=device,
+            model, dataset, INDICES, micro_batch_size=2, seq_length=256, pad_id=0, device=device,
             vocab_size=cfg.vocab_size,
         )  # fmt: skip
         if rank == 0:
@@ -54,7 +81,7 @@ def hf_and_data(tmp_path_factory):
     )  # fmt: skip
     model = LlamaForCausalLM(config).eval()
     model.save_pretrained(root / "hf")
-    paths = build_toy_dataset(str(root / "records"), num_examples=32, seed=1)
+    paths = {"train": _varied_records(root / "records.jsonl")}
     dataset = build_or_load(
         DataConfig(
             sources=[paths["train"]], cache_dir=str(root / "cache"), num_workers=1,

@@ -17,7 +17,7 @@ import torch.distributed as dist
 from wrpo_nemo import compat
 from wrpo_nemo.data.cache import TokenizedDataset
 from wrpo_nemo.data.layout import PackedBatch
-from wrpo_nemo.data.packing import pack_micro_batch
+from wrpo_nemo.data.packing import group_lengths, pack_micro_batch, rows_needed
 from wrpo_nemo.data.reference import load_reference_logps, save_reference_logps
 from wrpo_nemo.training.engine import run_schedule
 from wrpo_nemo.training.step import make_forward_step, reference_loss_func
@@ -60,7 +60,6 @@ def compute_reference_logps(
     *,
     micro_batch_size: int,
     seq_length: int,
-    rows: int,
     pad_id: int,
     device: torch.device,
     vocab_size: int,
@@ -74,7 +73,12 @@ def compute_reference_logps(
     # Pad with repeats of the last prompt so every rank runs the same number of micro-batches; repeats are
     # averaged away below.
     padded = np.concatenate([indices, np.full((-len(indices)) % per_pass, indices[-1], dtype=np.int64)])
-    mine = padded.reshape(-1, dp_size, micro_batch_size)[:, dp_rank]
+    groups = padded.reshape(-1, dp_size, micro_batch_size)
+    mine = groups[:, dp_rank]
+    # One row count for every micro-batch of every rank (pipeline stages exchange fixed shapes), sized for
+    # the fullest of these consecutive groups, which are not length-balanced like training micro-batches.
+    lengths = group_lengths(dataset, "wrpo")
+    rows = max(rows_needed(lengths[g], seq_length) for g in groups.reshape(-1, micro_batch_size))
     values = torch.zeros(len(dataset), 3, dtype=torch.float64)
     seen = torch.zeros(len(dataset), dtype=torch.float64)
     for start in range(0, len(mine), MICRO_BATCHES_PER_PASS):

@@ -147,7 +147,6 @@ def _reference_for(cfg, inputs, model, identity, dp, device) -> tuple[np.ndarray
     if cfg.wrpo.reference == "online" or cfg.wrpo.loss.preference == "simpo":
         return None, "online" if cfg.wrpo.reference == "online" else "none (simpo is reference-free)"
     indices = np.union1d(inputs.splits["wrpo"], inputs.splits["eval"])
-    probe = _loader(cfg, cfg.wrpo, "wrpo", inputs, inputs.splits["wrpo"], dp)
     key = f"{identity}|{inputs.dataset.key}"
     return precomputed_reference(
         model,
@@ -156,7 +155,6 @@ def _reference_for(cfg, inputs, model, identity, dp, device) -> tuple[np.ndarray
         key,
         micro_batch_size=cfg.wrpo.micro_batch_size,
         seq_length=cfg.data.source.tokenize.seq_length,
-        rows=probe.rows_per_micro_batch,
         pad_id=inputs.tokenizer.pad_token_id,
         device=device,
         vocab_size=inputs.model_cfg.vocab_size,
