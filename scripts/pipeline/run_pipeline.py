@@ -16,7 +16,8 @@
 
 A step whose marker ``<work-dir>/done/<step>`` exists is skipped; a step that stopped half way is rerun and
 continues where it stopped (the recipe resumes from its last checkpoint, generation and scoring from their
-output files). ``--dry-run`` prints the commands of the steps still to do. The records give the prompts and
+output files). ``--dry-run`` prints the commands of the steps still to do; ``--shards 8`` samples and scores
+with eight processes side by side, one per GPU of the node. The records give the prompts and
 the source responses (y_ws, e.g. the released AALF/ultrafeedback_wrpo data); the target responses are sampled
 anew from the SFT model.
 """
@@ -26,6 +27,7 @@ from __future__ import annotations
 import argparse
 import glob
 import json
+import os
 import shlex
 import subprocess
 import sys
@@ -33,6 +35,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 STEPS = ("import", "sft", "prompts", "generate", "score", "select", "wrpo", "export", "eval")
+SHARDED = ("generate", "score")
+"""Steps that run ``--shards`` processes side by side, one per GPU."""
 TARGET_NAME = "target-sft"
 """The model name of the SFT model's samples: selection tells target from source responses by it."""
 
@@ -48,7 +52,7 @@ class Pipeline:
         self.sft_hf = self.sft_dir / "sft" / "hf"
         self.data = self.work / "data"
         self.prompts, self.sources = self.data / "prompts.jsonl", self.data / "source_responses.jsonl"
-        self.generated, self.scored = self.data / "generated", self.data / "scored.jsonl"
+        self.generated, self.scored = self.data / "generated", self.data / "scored"
         self.selected = self.data / "wrpo.jsonl"
         self.exported = self.work / "export" / "hf"
 
@@ -75,23 +79,26 @@ class Pipeline:
                      "--overwrite"]]  # fmt: skip
         if step == "sft":
             return [self.recipe(a.sft_config, self.sft_dir, "sft", f"model.checkpoint={self.imported}",
-                                f"data.source.sources=[{Path(a.records).resolve()}]", "export.hf=true",
+                                f"data.source.sources=[{a.records}]", "export.hf=true",
                                 *a.sft_override)]  # fmt: skip
+        n = a.shards
         if step == "generate":
             return [[*construct, "generate", "--model", str(self.sft_hf), "--model-name", TARGET_NAME,
                      "--prompts", str(self.prompts), "--output-dir", str(self.generated),
                      "--seeds", *map(str, a.seeds), "--temperature", str(a.temperature), "--top-p", str(a.top_p),
-                     "--max-new-tokens", str(a.max_new_tokens), "--backend", a.backend]]  # fmt: skip
+                     "--max-new-tokens", str(a.max_new_tokens), "--backend", a.backend,
+                     "--shard-index", str(i), "--num-shards", str(n)] for i in range(n)]  # fmt: skip
         if step == "score":
-            inputs = sorted(glob.glob(str(self.generated / TARGET_NAME / "*.jsonl"))) or [
-                str(self.generated / TARGET_NAME / "*.jsonl")
-            ]
+            pattern = str(self.generated / TARGET_NAME / "*.jsonl")
+            inputs = sorted(glob.glob(pattern)) or [pattern]
             flags = ["--trust-remote-code"] if a.trust_remote_code else []
             return [[*construct, "score", "--reward-model", a.reward_model, *flags, "--inputs", *inputs,
-                     str(self.sources), "--output", str(self.scored)]]  # fmt: skip
+                     str(self.sources), "--output", str(self.scored / f"shard-{i:05d}-of-{n:05d}.jsonl"),
+                     "--shard-index", str(i), "--num-shards", str(n)] for i in range(n)]  # fmt: skip
         if step == "select":
-            return [[*construct, "select", "--inputs", str(self.scored), "--target-model", TARGET_NAME,
-                     "--output", str(self.selected)]]  # fmt: skip
+            pattern = str(self.scored / "*.jsonl")
+            return [[*construct, "select", "--inputs", *(sorted(glob.glob(pattern)) or [pattern]),
+                     "--target-model", TARGET_NAME, "--output", str(self.selected)]]  # fmt: skip
         if step == "wrpo":
             return [self.recipe(a.wrpo_config, self.wrpo_dir, "wrpo", f"model.checkpoint={self.latest(self.sft_dir, 'sft')}",
                                 f"data.source.sources=[{self.selected}]", "export.hf=false",
@@ -126,7 +133,7 @@ class Pipeline:
 
         resolved = json.loads((self.sft_dir / "run_config.json").read_text())
         split = SplitConfig(**resolved["data"]["split"])
-        examples, _ = read_examples([str(Path(self.args.records).resolve())], ReadConfig(on_invalid="skip"))
+        examples, _ = read_examples([self.args.records], ReadConfig(on_invalid="skip"))
         kept = [e for e in examples if split_of(e.prompt_id, split) != "sft"]
         if not kept:
             raise SystemExit("no prompt of the records falls in the WRPO or evaluation split")
@@ -154,15 +161,22 @@ def run_step(pipe: Pipeline, step: str, dry_run: bool) -> None:
     print(f"[{step}]", flush=True)
     if step == "prompts" and not dry_run:
         pipe.write_prompts()
-    for cmd in pipe.commands(step):
+    commands = pipe.commands(step)
+    for cmd in commands:
         print("+ " + shlex.join(cmd), flush=True)
-        if not dry_run:
-            status = subprocess.run(cmd, cwd=ROOT).returncode
-            if status:
-                raise SystemExit(f"[{step}] failed with exit status {status}; rerun to continue")
-    if not dry_run:
-        marker.parent.mkdir(parents=True, exist_ok=True)
-        marker.touch()
+    if dry_run:
+        return
+    if step in SHARDED and len(commands) > 1:
+        # One shard per GPU of this node: shard i sees only GPU i.
+        procs = [subprocess.Popen(c, cwd=ROOT, env={**os.environ, "CUDA_VISIBLE_DEVICES": str(i)})
+                 for i, c in enumerate(commands)]  # fmt: skip
+        statuses = [p.wait() for p in procs]
+    else:
+        statuses = [subprocess.run(c, cwd=ROOT).returncode for c in commands]
+    if any(statuses):
+        raise SystemExit(f"[{step}] failed with exit status {max(statuses)}; rerun to continue")
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.touch()
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -189,6 +203,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--top-p", type=float, default=0.95)
     p.add_argument("--max-new-tokens", type=int, default=4096)
     p.add_argument("--backend", choices=["auto", "vllm", "transformers"], default="auto")
+    p.add_argument("--shards", type=int, default=1, help="generate and score with N processes, one per GPU")
     p.add_argument("--export-dtype", choices=["bf16", "fp16", "fp32", "auto"], default="bf16")
     p.add_argument("--mt-bench", help="FastChat MT-Bench question.jsonl")
     p.add_argument("--alpaca-eval", help="AlpacaEval 2 instructions (alpaca_eval.json)")
@@ -202,6 +217,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    # Steps run from the repository root: local paths must not depend on where this was started.
+    for name in ("base_model", "reward_model", "records", "mt_bench", "alpaca_eval", "arena_hard"):
+        value = getattr(args, name)
+        if value and Path(value).exists():
+            setattr(args, name, str(Path(value).resolve()))
     chosen = args.steps.split(",")
     unknown = sorted(set(chosen) - set(STEPS))
     if unknown:

@@ -5,6 +5,7 @@ the toy records for UltraFeedback with source responses; sampling uses the trans
 """
 
 import json
+import shlex
 import sys
 from pathlib import Path
 
@@ -78,6 +79,27 @@ def test_dry_run_prints_every_step_in_the_papers_order_and_writes_nothing(toy_in
     assert "stages=[wrpo]" in commands[5] and "convert_nemo_to_hf.py" in commands[6]
     assert commands[7].count("generate_answers.py") == 1 and len(commands) == 9
     assert not (tmp_path / "work").exists()
+
+
+def test_sharded_sampling_and_scoring_split_the_prompts_once_and_selection_reads_every_shard(
+    toy_inputs, tmp_path, capsys
+):
+    run_pipeline.main(pipeline_args(tmp_path, *toy_inputs, "--dry-run", "--shards", "3"))
+    commands = [shlex.split(line[2:]) for line in capsys.readouterr().out.splitlines() if line.startswith("+ ")]
+    generate = [c for c in commands if "generate" in c]
+    score = [c for c in commands if "score" in c]
+    for group in (generate, score):
+        assert [(c[c.index("--shard-index") + 1], c[c.index("--num-shards") + 1]) for c in group] == [
+            ("0", "3"),
+            ("1", "3"),
+            ("2", "3"),
+        ]
+    outputs = {c[c.index("--output") + 1] for c in score}
+    assert len(outputs) == 3 and all(
+        o.startswith(str(tmp_path / "work" / "data" / "scored")) for o in outputs
+    )
+    (select,) = [c for c in commands if "select" in c]
+    assert select[select.index("--inputs") + 1] == str(tmp_path / "work" / "data" / "scored" / "*.jsonl")
 
 
 @pytest.mark.slow
