@@ -14,7 +14,8 @@
 #   RUN_DIR           host path of the run folder, mounted at the same path in the container
 #                     (default: $WRPO_ROOT/runs/<job name>)
 #   LOG_ROOT          where the per-job log folders go (default: $WRPO_ROOT/logs)
-#   EXTRA_MOUNTS      more container mounts, "src:dst[,src:dst]" (models, data)
+#   EXTRA_MOUNTS      more container mounts, "src:dst[,src:dst]" (models, data, an HF_HOME cache)
+#   MOUNT_REPO=1      run this checkout's code (mounted over the image's copy) instead of the image's
 #   GPUS_PER_NODE     default: SLURM_GPUS_ON_NODE, else 8
 #   MAX_RESTARTS      requeue at most this many times (default 50)
 #   DRY_RUN=1         print the commands instead of running them (the requeue decision too)
@@ -53,6 +54,9 @@ export OMP_NUM_THREADS="${OMP_NUM_THREADS:-8}"
 export PYTHONUNBUFFERED=1
 
 mounts="$RUN_DIR:$RUN_DIR,$LOG_DIR:$LOG_DIR${EXTRA_MOUNTS:+,$EXTRA_MOUNTS}"
+if [[ "${MOUNT_REPO:-0}" == 1 ]]; then
+  mounts+=",$WRPO_ROOT:$CONTAINER_WORKDIR"
+fi
 
 srun_cmd=(
   srun --nodes="$NNODES" --ntasks-per-node=1 --kill-on-bad-exit=1

@@ -2,9 +2,10 @@
 # The task Slurm starts on each node (inside the container): runs the given torchrun command and forwards
 # Slurm's SIGUSR1/SIGTERM to the trainers themselves.
 #
-# torchrun does not pass SIGUSR1 on (it would die of it), and on SIGTERM it gives its workers only a fixed
-# grace period before SIGKILL. The trainers save at their next step boundary and exit 0 on either signal, so
-# the signal goes straight to torchrun's children (the trainers) and torchrun is left to exit with them.
+# torchrun does not pass SIGUSR1 on, and dies of it. So torchrun starts with SIGUSR1 ignored (inherited across
+# exec; the trainers install their own handler), and the signal goes straight to torchrun's children, the
+# trainers, which save at their next step boundary and exit 0; torchrun then exits with them. This holds both
+# when Slurm signals only the task (this script) and when it signals every process of the step (cgroups).
 #
 #   bash scripts/slurm/node.sh LOG_DIR torchrun ... recipes/wrpo.py ...
 
@@ -12,6 +13,7 @@ set -uo pipefail
 log_dir="$1"
 shift
 
+trap '' USR1
 "$@" &
 launcher=$!
 echo "$launcher" >"$log_dir/torchrun-node${SLURM_NODEID:-0}.pid"

@@ -85,7 +85,9 @@ def test_sharded_sampling_and_scoring_split_the_prompts_once_and_selection_reads
     toy_inputs, tmp_path, capsys
 ):
     run_pipeline.main(pipeline_args(tmp_path, *toy_inputs, "--dry-run", "--shards", "3"))
-    commands = [shlex.split(line[2:]) for line in capsys.readouterr().out.splitlines() if line.startswith("+ ")]
+    commands = [
+        shlex.split(line[2:]) for line in capsys.readouterr().out.splitlines() if line.startswith("+ ")
+    ]
     generate = [c for c in commands if "generate" in c]
     score = [c for c in commands if "score" in c]
     for group in (generate, score):

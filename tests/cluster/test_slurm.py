@@ -115,6 +115,13 @@ def test_multinode_rendezvous_is_on_the_first_node_with_one_torchrun_per_node(sl
     assert "scontrol show hostnames gpu-a[017-020]" in (tmp_path / "calls.txt").read_text()
 
 
+def test_extra_mounts_and_the_checkout_are_mounted_only_when_asked(slurm, tmp_path):
+    out = slurm("wrpo_1node.sbatch", DRY_RUN="1", EXTRA_MOUNTS="/shared/models:/models", MOUNT_REPO="1")
+    (line,) = [shlex.split(x) for x in out.stdout.splitlines() if x.startswith("srun ")]
+    (mounts,) = [x.split("=", 1)[1].split(",") for x in line if x.startswith("--container-mounts=")]
+    assert mounts[2:] == ["/shared/models:/models", f"{ROOT}:/workspace/wrpo-nemo"]
+
+
 def test_sbatch_headers_request_the_warning_signal_requeue_and_whole_nodes():
     for script, nodes in (("wrpo_1node.sbatch", "1"), ("wrpo_multinode.sbatch", "4")):
         opts = sbatch_options(script)
@@ -171,15 +178,22 @@ sys.exit(child.wait())
 """
 
 
-def test_node_wrapper_forwards_slurms_signal_to_the_trainers_and_exits_with_their_status(tmp_path):
+@pytest.mark.parametrize("whole_step", [False, True], ids=["task-only", "every-process-of-the-step"])
+def test_node_wrapper_gets_slurms_signal_to_the_trainers_and_exits_with_their_status(tmp_path, whole_step):
     marker = tmp_path / "trainer.signal"
     cmd = ["bash", str(SLURM / "node.sh"), str(tmp_path), sys.executable, "-c", FAKE_TORCHRUN, str(marker)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
     deadline = time.time() + 30
     while not Path(f"{marker}.ready").exists():
         assert time.time() < deadline and proc.poll() is None, proc.communicate()
         time.sleep(0.05)
-    proc.send_signal(signal.SIGUSR1)
+    # Slurm signals the task (proctrack/pgid) or every process of the step, torchrun included (cgroup).
+    if whole_step:
+        os.killpg(proc.pid, signal.SIGUSR1)
+    else:
+        proc.send_signal(signal.SIGUSR1)
     _, stderr = proc.communicate(timeout=30)
     assert proc.returncode == 0, stderr
     assert marker.read_text() == "SIGUSR1"
