@@ -11,8 +11,9 @@
 #
 # Knobs (environment, all optional but CONTAINER_IMAGE):
 #   CONTAINER_IMAGE   enroot image (.sqsh file or registry#image:tag) built from the repository's Dockerfile
-#   RUN_DIR           host path of the run folder, mounted at the same path in the container
-#                     (default: $WRPO_ROOT/runs/<job name>)
+#   RUN_DIR           host path of the run folder (default: $WRPO_ROOT/runs/<job name>)
+#   RUNS_ROOT         mounted at the same path in the container (default: RUN_DIR's parent), so a stage can
+#                     start from another run's output (the WRPO stage from the SFT stage's checkpoint)
 #   LOG_ROOT          where the per-job log folders go (default: $WRPO_ROOT/logs)
 #   EXTRA_MOUNTS      more container mounts, "src:dst[,src:dst]" (models, data, an HF_HOME cache)
 #   MOUNT_REPO=1      run this checkout's code (mounted over the image's copy) instead of the image's
@@ -31,6 +32,7 @@ RESTART="${SLURM_RESTART_COUNT:-0}"
 NNODES="${SLURM_JOB_NUM_NODES:-${SLURM_NNODES:-1}}"
 GPUS_PER_NODE="${GPUS_PER_NODE:-${SLURM_GPUS_ON_NODE:-8}}"
 RUN_DIR="${RUN_DIR:-$WRPO_ROOT/runs/$JOB_NAME}"
+RUNS_ROOT="${RUNS_ROOT:-$(dirname "$RUN_DIR")}"
 LOG_DIR="${LOG_ROOT:-$WRPO_ROOT/logs}/$JOB_NAME-$JOB_ID"
 MAX_RESTARTS="${MAX_RESTARTS:-50}"
 DRY_RUN="${DRY_RUN:-0}"
@@ -53,7 +55,7 @@ export NCCL_IB_RETRY_CNT="${NCCL_IB_RETRY_CNT:-13}"
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-8}"
 export PYTHONUNBUFFERED=1
 
-mounts="$RUN_DIR:$RUN_DIR,$LOG_DIR:$LOG_DIR${EXTRA_MOUNTS:+,$EXTRA_MOUNTS}"
+mounts="$RUNS_ROOT:$RUNS_ROOT,$LOG_DIR:$LOG_DIR${EXTRA_MOUNTS:+,$EXTRA_MOUNTS}"
 if [[ "${MOUNT_REPO:-0}" == 1 ]]; then
   mounts+=",$WRPO_ROOT:$CONTAINER_WORKDIR"
 fi
@@ -86,7 +88,7 @@ preempted() {
     grep -Eq '"preempted": *true' "$summary"
 }
 
-mkdir -p "$LOG_DIR" "$RUN_DIR"
+mkdir -p "$LOG_DIR" "$RUN_DIR" "$RUNS_ROOT"
 touch "$LOG_DIR/restart$RESTART.start"
 echo "job $JOB_ID ($JOB_NAME) restart $RESTART: $NNODES node(s) x $GPUS_PER_NODE GPUs," \
   "rendezvous $MASTER_ADDR:$MASTER_PORT, run_dir $RUN_DIR, logs $LOG_DIR"

@@ -72,7 +72,7 @@ def expected_srun(tmp_path: Path, nodes: int, restart: int, *recipe_args: str) -
     run_dir, log_dir = tmp_path / "run", tmp_path / "logs" / "wrpo-test-4242"
     return [
         "srun", f"--nodes={nodes}", "--ntasks-per-node=1", "--kill-on-bad-exit=1",
-        "--container-image=/images/wrpo-nemo.sqsh", f"--container-mounts={run_dir}:{run_dir},{log_dir}:{log_dir}",
+        "--container-image=/images/wrpo-nemo.sqsh", f"--container-mounts={tmp_path}:{tmp_path},{log_dir}:{log_dir}",
         "--container-workdir=/workspace/wrpo-nemo", f"--output={log_dir}/restart{restart}-node%n.log",
         "bash", "scripts/slurm/node.sh", str(log_dir),
         "torchrun", f"--nnodes={nodes}", "--nproc-per-node=8", "--rdzv-backend=c10d",
