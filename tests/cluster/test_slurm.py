@@ -164,13 +164,16 @@ def test_requeues_stop_after_max_restarts(slurm, tmp_path):
 
 FAKE_TORCHRUN = """
 import signal, subprocess, sys
+# Like the recipe: the signal sets a flag, the loop stops at the next step boundary and exits 0.
 trainer = "import signal, sys, time\\n" \\
-    "def stop(sig, frame):\\n" \\
-    "    open(sys.argv[1], 'w').write(signal.Signals(sig).name)\\n" \\
-    "    sys.exit(0)\\n" \\
-    "signal.signal(signal.SIGUSR1, stop)\\n" \\
+    "got = []\\n" \\
+    "signal.signal(signal.SIGUSR1, lambda sig, frame: got.append(signal.Signals(sig).name))\\n" \\
     "open(sys.argv[1] + '.ready', 'w').close()\\n" \\
-    "time.sleep(60)\\n" \\
+    "for step in range(600):\\n" \\
+    "    time.sleep(0.1)\\n" \\
+    "    if got:\\n" \\
+    "        open(sys.argv[1], 'w').write(got[0])\\n" \\
+    "        sys.exit(0)\\n" \\
     "sys.exit(5)\\n"
 # Like torchrun: SIGUSR1 would kill this launcher, so only its child (the trainer) may receive it.
 child = subprocess.Popen([sys.executable, "-c", trainer, sys.argv[1]])
