@@ -90,8 +90,8 @@ def build_toy_tokenizer(out_dir: str | None = None) -> PreTrainedTokenizerFast:
     return tokenizer
 
 
-def _question(rng: random.Random) -> tuple[str, int]:
-    a, b = rng.randint(0, 99), rng.randint(0, 99)
+def _question(rng: random.Random, max_operand: int = 99) -> tuple[str, int]:
+    a, b = rng.randint(0, max_operand), rng.randint(0, max_operand)
     op = rng.choice("+-")
     return f"what is {a} {op} {b} ?", a + b if op == "+" else a - b
 
@@ -107,9 +107,9 @@ def _far_off(rng: random.Random, value: int) -> int:
     return wrong
 
 
-def toy_example(rng: random.Random, index: int) -> dict:
-    """One record in the released layout (AALF/ultrafeedback_wrpo)."""
-    question, value = _question(rng)
+def toy_example(rng: random.Random, index: int, max_operand: int = 99) -> dict:
+    """One record in the released layout (AALF/ultrafeedback_wrpo); operands lie in ``[0, max_operand]``."""
+    question, value = _question(rng, max_operand)
     a, op, b = question.split()[2:5]
     source = f"{a} {op} {b} = {value} . the answer is {value} ."
     target = f"the answer is {_near_miss(rng, value)} ."
@@ -122,7 +122,9 @@ def toy_example(rng: random.Random, index: int) -> dict:
     }
 
 
-def build_toy_dataset(out_dir: str, num_examples: int = 4000, seed: int = 0) -> dict[str, str]:
+def build_toy_dataset(
+    out_dir: str, num_examples: int = 4000, seed: int = 0, max_operand: int = 99
+) -> dict[str, str]:
     """Write ``num_examples`` toy records to ``out_dir/train.jsonl``; returns ``{"train": path}``.
 
     The file is written to a temporary name and renamed, so a crash never leaves half a file.
@@ -133,7 +135,7 @@ def build_toy_dataset(out_dir: str, num_examples: int = 4000, seed: int = 0) -> 
     tmp = f"{path}.tmp-{os.getpid()}"
     with open(tmp, "w", encoding="utf-8") as handle:
         for i in range(num_examples):
-            handle.write(json.dumps(toy_example(rng, i)) + "\n")
+            handle.write(json.dumps(toy_example(rng, i, max_operand)) + "\n")
     os.replace(tmp, path)
     return {"train": path}
 

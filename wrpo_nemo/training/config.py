@@ -59,6 +59,8 @@ class DataSection:
     """Use the embedded toy task (its records and word-level tokenizer are generated into ``run_dir``)."""
     toy_examples: int = 3000
     """Records of the toy task."""
+    toy_max_operand: int = 99
+    """Largest operand of the toy task's questions (smaller is easier to learn)."""
     tokenizer: str | None = None
     """Tokenizer folder; defaults to ``model.hf_path``. Ignored with ``toy``."""
     source: DataConfig = field(default_factory=DataConfig)

@@ -111,10 +111,11 @@ def prepare_dataset(cfg: RunConfig, tokenizer: Any) -> TokenizedDataset:
 
         # Written once per (size, seed): rewriting would change the file's mtime, hence the cache key, and a
         # resumed run would no longer match its checkpoint's data order.
-        folder = Path(cfg.run_dir) / "toy" / f"records-{cfg.data.toy_examples}-{cfg.seed}"
+        d = cfg.data
+        folder = Path(cfg.run_dir) / "toy" / f"records-{d.toy_examples}-{d.toy_max_operand}-{cfg.seed}"
         records = folder / "train.jsonl"
         if dist.get_rank() == 0 and not records.is_file():
-            build_toy_dataset(str(folder), cfg.data.toy_examples, seed=cfg.seed)
+            build_toy_dataset(str(folder), d.toy_examples, seed=cfg.seed, max_operand=d.toy_max_operand)
         source = dataclasses.replace(source, sources=[str(records)])
     if dist.get_rank() == 0:
         dataset = build_or_load(source, tokenizer)
