@@ -18,6 +18,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from wrpo_nemo import compat
 from wrpo_nemo.alpha import alpha_at
 from wrpo_nemo.data.loader import PackedBatchLoader
 from wrpo_nemo.training import checkpoint as ckpt
@@ -69,7 +70,8 @@ class _Preemption:
         self.requested = True
 
     def agreed(self) -> bool:
-        flag = torch.tensor([1.0 if self.requested else 0.0])
+        # On the compute device: NCCL reduces CUDA tensors only.
+        flag = torch.tensor([1.0 if self.requested else 0.0], device=compat.device())
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
 
@@ -174,7 +176,9 @@ def _finished(latest: Path | None) -> dict | None:
 
 
 def _step_tokens(batches, dp_group) -> float:
-    local = torch.tensor([float(sum(int((b.segment_ids >= 0).sum()) for b in batches))])
+    local = torch.tensor(
+        [float(sum(int((b.segment_ids >= 0).sum()) for b in batches))], device=compat.device()
+    )
     dist.all_reduce(local, group=dp_group)
     return float(local.item())
 
@@ -271,8 +275,6 @@ def run_stage(
 
 def _gpu_throughput(tokens: float, seconds: float, flops_per_token: float, online_reference: bool) -> dict:
     """Model TFLOP/s and MFU per GPU on GPUs (the online reference adds one forward, a third of training)."""
-    from wrpo_nemo import compat
-
     if not compat.cuda_available():
         return {}
     flops = tokens * flops_per_token * (4.0 / 3.0 if online_reference else 1.0)
