@@ -88,7 +88,7 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
-def measure_matmul_tflops(size: int, iters: int = 20) -> tuple[float, str]:
+def measure_matmul_tflops(size: int, iters: int = 50) -> tuple[float, str]:
     """Achieved TFLOP/s of a square matmul (bf16 on a GPU; fp32 on a CPU, where bf16 GEMMs are emulated)."""
     dtype = torch.bfloat16 if compat.cuda_available() else torch.float32
     a = torch.randn(size, size, dtype=dtype, device=compat.device())
