@@ -6,6 +6,7 @@ The same code runs on a GPU cluster and on a CPU machine; the differences live i
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -52,8 +53,35 @@ def build_model(
     return model
 
 
+@functools.cache
+def _half_precision_class():
+    from megatron.core.transformer.module import Float16Module
+
+    class HalfPrecisionModule(Float16Module):
+        """megatron's Float16Module (every weight, norms included, in bf16/fp16; fp32 main copies live in
+        the optimizer) that hands the logits on in model precision: the log-prob kernel reads them chunk by
+        chunk in fp32, and a full fp32 copy of ``[tokens, vocab]`` is what it exists to avoid."""
+
+        def forward(self, *inputs, **kwargs):
+            return super().forward(*inputs, fp32_output=False, **kwargs)
+
+    return HalfPrecisionModule
+
+
+def for_forward(model):
+    """The module the schedules run: ``model`` itself in fp32, wrapped in half precision for bf16/fp16.
+
+    The wrapper shares (and casts in place) ``model``'s parameters, so checkpoints keep using ``model``.
+    """
+    config = model.config
+    if config.bf16 or config.fp16:
+        return _half_precision_class()(config, model)
+    return model
+
+
 def wrap_ddp(model):
-    """Megatron DDP: gradients in a contiguous fp32 buffer, reduced across data-parallel ranks."""
+    """Megatron DDP around :func:`for_forward`: gradients in a contiguous fp32 buffer, reduced across
+    data-parallel ranks."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.distributed.finalize_model_grads import finalize_model_grads
 
@@ -63,7 +91,7 @@ def wrap_ddp(model):
         use_distributed_optimizer=compat.cuda_available(),
     )
     with compat.redirect_cuda_to_cpu():
-        ddp = DistributedDataParallel(config=model.config, ddp_config=ddp_config, module=model)
+        ddp = DistributedDataParallel(config=model.config, ddp_config=ddp_config, module=for_forward(model))
     model.config.finalize_model_grads_func = finalize_model_grads
     return ddp
 
