@@ -23,6 +23,9 @@ What is handled (numbers refer to the list in ``shared/STACK.md``):
 4b. Pipeline p2p: ``batch_isend_irecv`` is NCCL-only; :func:`configure_model_parallel` switches a model
    config to plain isend/irecv on CPU, which gloo supports.
 11. ``torch.cuda.synchronize()`` (dist checkpointing, p2p) is a no-op on a CPU build.
+12. Activation recomputation saves and restores the CUDA RNG state around each recomputed block: on a CPU
+    build there is none, so megatron's two private accessors get an empty state and a no-op (the CPU RNG,
+    which megatron saves alongside, is still restored).
 """
 
 from __future__ import annotations
@@ -79,6 +82,13 @@ def _patch_cuda_queries_for_cpu() -> None:
     _CPU_PATCHED = True
 
 
+def _patch_megatron_rng_for_cpu() -> None:
+    from megatron.core.tensor_parallel import random as mcore_random
+
+    mcore_random._get_cuda_rng_state = lambda *args, **kwargs: torch.empty(0, dtype=torch.uint8)
+    mcore_random._set_cuda_rng_state = lambda *args, **kwargs: None
+
+
 def _reset_rng_tracker() -> None:
     from megatron.core.tensor_parallel import random as mcore_random
 
@@ -100,6 +110,7 @@ def prepare_runtime(seed: int | None = None) -> torch.device:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     else:
         _patch_cuda_queries_for_cpu()
+        _patch_megatron_rng_for_cpu()
     _reset_rng_tracker()
     if seed is not None:
         torch.manual_seed(seed)
