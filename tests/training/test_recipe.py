@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.dist_utils import free_port
+
 ROOT = Path(__file__).resolve().parents[2]
 SMALL = [
     "data.toy_examples=240",
@@ -169,3 +171,26 @@ def test_online_reference_gives_the_same_training_as_the_precomputed_one(tmp_pat
         # Packing differs between the two passes (fp32 sums in another order): a prompt whose margin is within
         # rounding of 0 may count either way.
         assert abs(b["rewards/accuracies"] - a["rewards/accuracies"]) <= 1 / 8
+
+
+@pytest.mark.slow
+def test_resume_at_another_tensor_parallel_size_continues_the_same_training(tmp_path):
+    run_dir = tmp_path / "run"
+    args = ("stages=[sft]", "sft.max_steps=6", "checkpoint.save_interval=3", "checkpoint.keep_last=5",
+            "export.hf=false")  # fmt: skip
+    recipe(run_dir, *args)
+    straight = metrics(run_dir / "sft" / "metrics.jsonl")
+    shutil.rmtree(run_dir / "sft" / "checkpoints" / "step_0000006")
+    (run_dir / "sft" / "metrics.jsonl").unlink()
+    # The TP=1 checkpoint (weights, Adam moments, schedule, data position) resharded onto TP=2 by torchrun.
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+           str(free_port()), str(ROOT / "recipes" / "wrpo.py"), f"run_dir={run_dir}", *SMALL, *args,
+           "parallel.tensor=2", "checkpoint.resume=true"]  # fmt: skip
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=ENV, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-4000:]
+    assert "starting at step 3" in out.stdout
+    resumed = metrics(run_dir / "sft" / "metrics.jsonl")
+    assert [r["step"] for r in resumed] == [4, 5, 6]
+    for a, b in zip(straight[3:], resumed, strict=True):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
+        assert b["lr"] == a["lr"]
