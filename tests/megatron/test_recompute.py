@@ -1,6 +1,5 @@
 """Activation recomputation (the paper's gradient checkpointing) runs on a CPU and changes nothing numerically."""
 
-
 import pytest
 import torch
 import torch.distributed as dist
