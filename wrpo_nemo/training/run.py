@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from wrpo_nemo.data.splits import split_indices
 from wrpo_nemo.training.config import RunConfig
 from wrpo_nemo.training.outputs import plot_metrics
 from wrpo_nemo.training.parallel import destroy_parallel, initialize_parallel
@@ -48,8 +49,6 @@ def run(cfg: RunConfig) -> dict[str, StageResult]:
     )
     try:
         dataset = prepare_dataset(cfg, tokenizer)
-        from wrpo_nemo.data.splits import split_indices
-
         splits = {n: split_indices(dataset.prompt_ids, n, cfg.data.split) for n in ("sft", "wrpo", "eval")}
         inputs = RunInputs(model_cfg, tokenizer, dataset, splits, cfg.model.hf_path or tokenizer_dir)
         if dist.get_rank() == 0:
