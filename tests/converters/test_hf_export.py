@@ -16,8 +16,8 @@ from wrpo_nemo.converters.checkpoint_io import (
 )
 from wrpo_nemo.converters.hf_export import export_hf
 from wrpo_nemo.converters.hf_import import import_hf
-from wrpo_nemo.data.layout import attention_mask_from_segments
 from wrpo_nemo.models import build_gpt_model
+from wrpo_nemo.models.attention import causal_rows_params, packed_forward
 
 
 def hf_tensors(directory):
@@ -66,8 +66,7 @@ def test_export_after_training_steps_loads_in_transformers_with_the_engine_logit
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
     for _ in range(3):  # move every weight: a random-target loss through the full model
         optimizer.zero_grad()
-        positions = torch.arange(tokens.shape[1]).expand_as(tokens)
-        out = model(tokens, positions, attention_mask_from_segments(torch.zeros_like(tokens)))
+        out = packed_forward(model, tokens, causal_rows_params(*tokens.shape))
         loss = torch.nn.functional.cross_entropy(out.flatten(0, 1), tokens.roll(1, dims=1).flatten())
         loss.backward()
         optimizer.step()

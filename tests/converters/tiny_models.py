@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from wrpo_nemo.data.layout import attention_mask_from_segments
+from wrpo_nemo.models.attention import causal_rows_params, packed_forward
 
 # vocab 100 with make_vocab_size_divisible_by=8 pads to 104 at TP=1 but 112 at TP=2.
 VOCAB = 100
@@ -85,9 +85,7 @@ def megatron_logits(model, tokens: torch.Tensor) -> torch.Tensor:
     """Full-vocabulary logits of a TP=1 (or TP-gathered) megatron model, padding columns dropped."""
     from megatron.core import tensor_parallel
 
-    positions = torch.arange(tokens.shape[1]).expand_as(tokens)
-    mask = attention_mask_from_segments(torch.zeros_like(tokens))
     with torch.no_grad():
-        logits = model(tokens, positions, mask)
+        logits = packed_forward(model, tokens, causal_rows_params(*tokens.shape))
         logits = tensor_parallel.gather_from_tensor_model_parallel_region(logits)
     return logits[..., :VOCAB]

@@ -14,8 +14,8 @@ from wrpo_nemo.converters.checkpoint_io import (
     read_model_config,
     save_model_checkpoint,
 )
-from wrpo_nemo.data.layout import attention_mask_from_segments
 from wrpo_nemo.models import build_gpt_model
+from wrpo_nemo.models.attention import causal_rows_params, packed_forward
 from wrpo_nemo.training.parallel import destroy_parallel, initialize_parallel
 
 
@@ -44,9 +44,7 @@ def _keep_logits(output):
 
 def _forward_step(batch, data_iterator, model):
     tokens = next(data_iterator)
-    positions = torch.arange(tokens.shape[1]).expand_as(tokens)
-    mask = attention_mask_from_segments(torch.zeros_like(tokens))
-    return model(tokens, positions, mask), _keep_logits
+    return packed_forward(model, tokens, causal_rows_params(*tokens.shape)), _keep_logits
 
 
 def pp2_logits_equal(rank, world_size, checkpoint, tokens, expected, resaved):
@@ -64,8 +62,8 @@ def pp2_logits_equal(rank, world_size, checkpoint, tokens, expected, resaved):
                 data_iterator=iter([tokens]),
                 model=[model],
                 num_microbatches=1,
-                seq_length=tokens.shape[1],
-                micro_batch_size=tokens.shape[0],
+                seq_length=tokens.numel(),  # one THD sequence of every row's tokens
+                micro_batch_size=1,
                 forward_only=True,
             )
         if parallel_state.is_pipeline_last_stage():

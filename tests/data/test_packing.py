@@ -35,39 +35,67 @@ def toy(tmp_path_factory):
     return build_or_load(cfg, tok), tok.pad_token_id
 
 
+def _sequences(batch):
+    """``{segment: (flat positions of its prompt + response)}``, read from the attention spans: a response's
+    sequence is its span's prefix (the shared prompt, if any) followed by the span itself."""
+    seqs = {}
+    for start, end, pre_start, pre_end in batch.attn_spans.tolist():
+        if pre_start < 0:
+            continue
+        labelled = batch.loss_mask.reshape(-1)[start:end]
+        if labelled.any():
+            seg = int(batch.segment_ids.reshape(-1)[start])
+            seqs[seg] = list(range(pre_start, pre_end)) + list(range(start, end))
+    return seqs
+
+
 def _segments(batch):
-    """``(row, start, end)`` of every segment id, read from segment_ids alone."""
-    spans = {}
-    for r in range(batch.tokens.shape[0]):
-        for pos, seg in enumerate(batch.segment_ids[r].tolist()):
-            if seg >= 0:
-                row, start, _ = spans.get(seg, (r, pos, pos))
-                spans[seg] = (row, start, pos + 1)
-    return spans
+    """``(row, start, end)`` of every segment's own span (its response and the prompt tokens it carries)."""
+    seq = batch.tokens.shape[1]
+    return {
+        seg: (flat[-1] // seq, flat[0] % seq, flat[-1] % seq + 1) for seg, flat in _sequences(batch).items()
+    }
 
 
+@pytest.mark.parametrize("layout", ["shared_prompt", "separate"])
 @pytest.mark.parametrize("stage", ["wrpo", "sft"])
-def test_every_segment_is_its_prompt_then_its_response_with_labels_on_the_response_only(toy, stage):
+def test_every_segment_is_its_prompt_then_its_response_with_labels_on_the_response_only(toy, stage, layout):
     dataset, pad = toy
     indices = [3, 17, 5, 40, 22, 9]
-    batch = pack_micro_batch(dataset, indices, stage, SEQ, rows=4, pad_id=pad)
+    batch = pack_micro_batch(dataset, indices, stage, SEQ, rows=4, pad_id=pad, layout=layout)
     batch.validate()
-    spans = _segments(batch)
+    seqs = _sequences(batch)
     roles = (SOURCE_CHOSEN,) if stage == "sft" else (0, 1, 2)
     assert sorted(zip(batch.segment_prompt.tolist(), batch.segment_role.tolist(), strict=True)) == sorted(
         (k, r) for k in range(len(indices)) for r in roles
     )
-    for seg, (row, start, end) in spans.items():
+    assert sorted(seqs) == list(range(batch.num_segments))
+    tokens, positions = batch.tokens.reshape(-1), batch.position_ids.reshape(-1)
+    labels, loss_mask = batch.labels.reshape(-1), batch.loss_mask.reshape(-1)
+    for seg, flat in seqs.items():
         index = indices[int(batch.segment_prompt[seg])]
         prompt = dataset.ids("prompt", index).tolist()
         response = dataset.ids(ROLE_NAMES[int(batch.segment_role[seg])], index).tolist()
-        assert batch.tokens[row, start:end].tolist() == prompt + response
-        assert batch.position_ids[row, start:end].tolist() == list(range(end - start))
-        mask = batch.loss_mask[row, start:end]
-        assert batch.labels[row, start:end][mask].tolist() == response
-        assert batch.labels[row, start : end - 1].tolist() == (prompt + response)[1:]
-        assert int(batch.labels[row, end - 1]) == IGNORE_INDEX
+        assert tokens[flat].tolist() == prompt + response
+        assert positions[flat].tolist() == list(range(len(flat)))
+        own = flat[len(flat) - len(response) - 1 :]  # the positions whose labels are the response
+        assert labels[own[:-1]].tolist() == response and loss_mask[own[:-1]].all()
+        assert int(labels[flat[-1]]) == IGNORE_INDEX
+    assert int(loss_mask.sum()) == sum(len(dataset.ids(ROLE_NAMES[int(batch.segment_role[s])],
+        indices[int(batch.segment_prompt[s])])) for s in range(batch.num_segments))  # fmt: skip
     assert batch.prompt_index.tolist() == indices
+
+
+def test_shared_prompt_layout_holds_each_prompt_once(toy):
+    dataset, pad = toy
+    indices = [3, 17, 5]
+    shared = pack_micro_batch(dataset, indices, "wrpo", SEQ, rows=2, pad_id=pad, layout="shared_prompt")
+    separate = pack_micro_batch(dataset, indices, "wrpo", SEQ, rows=2, pad_id=pad, layout="separate")
+    prompts = sum(len(dataset.ids("prompt", i)) for i in indices)
+    real = [int((b.segment_ids >= 0).sum()) for b in (shared, separate)]
+    # The shared layout repeats only each prompt's last token, once per response after the first.
+    assert real[1] - real[0] == 2 * prompts - 2 * len(indices)
+    assert real[0] == int(group_lengths(dataset, "wrpo", "shared_prompt")[indices].sum())
 
 
 def test_padding_has_no_segment_no_label_and_the_pad_id(toy):
@@ -133,15 +161,18 @@ def test_first_fit_decreasing_places_every_group_once_without_overflow():
         assert rows_needed(lengths, 100) == len(rows)
 
 
-def test_packed_rows_give_each_response_the_log_prob_it_has_alone(toy):
-    """The whole contract at once: tokens, position ids, segment ids (through the layout's block mask), labels
-    and loss mask of a packed batch give every response the summed log-prob a model gives it unpacked."""
+@pytest.mark.parametrize("layout", ["shared_prompt", "separate"])
+def test_packed_rows_give_each_response_the_log_prob_it_has_alone(toy, layout):
+    """The whole contract at once: tokens, position ids, attention spans (as a dense mask given to an HF model),
+    segment ids, labels and loss mask of a packed batch give every response the summed log-prob a model gives
+    it unpacked, in both layouts."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from wrpo_nemo.data.layout import attention_mask_from_segments
+    from wrpo_nemo.data.layout import dense_attention_mask
 
     dataset, pad = toy
-    batch = pack_micro_batch(dataset, [0, 1, 2, 3, 4], "wrpo", SEQ, rows=3, pad_id=pad)
+    batch = pack_micro_batch(dataset, [0, 1, 2, 3, 4], "wrpo", SEQ, rows=3, pad_id=pad, layout=layout)
+    batch.validate()
     torch.manual_seed(0)
     config = LlamaConfig(
         vocab_size=64,
@@ -154,12 +185,14 @@ def test_packed_rows_give_each_response_the_log_prob_it_has_alone(toy):
         attn_implementation="eager",
     )
     model = LlamaForCausalLM(config).eval()
-    blocked = attention_mask_from_segments(batch.segment_ids)
-    additive = torch.zeros(blocked.shape).masked_fill(blocked, torch.finfo(torch.float32).min)
+    allowed = dense_attention_mask(batch) | torch.eye(batch.tokens.numel(), dtype=torch.bool)  # pads: self
+    additive = torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(torch.float32).min)
     with torch.no_grad():
         logits = model(
-            input_ids=batch.tokens, position_ids=batch.position_ids, attention_mask=additive
-        ).logits
+            input_ids=batch.tokens.reshape(1, -1),
+            position_ids=batch.position_ids.reshape(1, -1),
+            attention_mask=additive[None, None],
+        ).logits.view(*batch.tokens.shape, -1)
     token_logps = torch.log_softmax(logits, -1).gather(-1, batch.labels.clamp(min=0)[..., None])[..., 0]
     sums = torch.zeros(batch.num_segments).index_add_(
         0, batch.segment_ids.clamp(min=0).flatten(), (token_logps * batch.loss_mask).flatten()

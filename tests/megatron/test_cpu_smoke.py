@@ -7,7 +7,13 @@ import torch
 import torch.distributed as dist
 
 from wrpo_nemo import compat
-from wrpo_nemo.data.layout import attention_mask_from_segments
+
+
+def attention_mask_from_segments(segment_ids: torch.Tensor) -> torch.Tensor:
+    """megatron's convention (True = masked out): causal within each segment id, [rows, 1, seq, seq]."""
+    seq = segment_ids.shape[-1]
+    same = segment_ids[:, :, None] == segment_ids[:, None, :]
+    return ~(same & torch.ones(seq, seq, dtype=torch.bool).tril()).unsqueeze(1)
 
 
 @pytest.fixture

@@ -6,7 +6,7 @@ import torch.distributed as dist
 
 from tests.dist_utils import free_port
 from wrpo_nemo import compat
-from wrpo_nemo.data.layout import attention_mask_from_segments
+from wrpo_nemo.models.attention import causal_rows_params, packed_forward
 from wrpo_nemo.models.presets import get_preset
 
 
@@ -32,9 +32,7 @@ def _loss_and_grads(recompute: str, state: dict | None):
     if state is not None:
         model.load_state_dict(state)
     tokens = torch.randint(0, 500, (2, 32), generator=torch.Generator().manual_seed(1))
-    positions = torch.arange(32).expand(2, 32)
-    mask = attention_mask_from_segments(torch.zeros(2, 32, dtype=torch.long))
-    logits = model(tokens, positions, mask)
+    logits = packed_forward(model, tokens, causal_rows_params(2, 32))
     loss = torch.nn.functional.cross_entropy(
         logits[:, :-1].reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1)
     )

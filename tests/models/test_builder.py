@@ -7,12 +7,14 @@ from wrpo_nemo import compat
 from wrpo_nemo.models import build_gpt_model, builder, get_preset, use_transformer_engine
 
 
-def test_cpu_build_uses_local_layers_and_fp32_params(megatron_single_process):
-    from megatron.core.transformer.dot_product_attention import DotProductAttention
+def test_cpu_build_uses_local_layers_segment_attention_and_fp32_params(megatron_single_process):
+    from wrpo_nemo.models.attention import local_core_attention
 
     assert not use_transformer_engine()
     model = build_gpt_model(get_preset("tiny"), recompute="full")
-    assert isinstance(model.decoder.layers[0].self_attention.core_attention, DotProductAttention)
+    assert isinstance(model.decoder.layers[0].self_attention.core_attention, local_core_attention())
+    # Rotary positions are applied by the segment attention from the batch's positions, not by GPTModel.
+    assert model.position_embedding_type == "none" and model.config.apply_rope_fusion is False
     assert {p.dtype for p in model.parameters()} == {torch.float32}
     assert model.config.recompute_granularity == "full"
     assert model.embedding.word_embeddings.weight.shape[0] == 512
@@ -42,3 +44,28 @@ def test_gpu_precision_defaults_to_bf16_and_cpu_to_fp32(monkeypatch):
     assert builder.params_dtype("auto") == torch.float32
     monkeypatch.setattr(compat, "cuda_available", lambda: True)
     assert builder.params_dtype("auto") == torch.bfloat16
+
+
+def test_the_backend_and_its_attention_are_chosen_together(monkeypatch):
+    """select_layer_spec is the one place that pairs a layer spec with our segment-aware attention: the TE spec
+    gets the THD TransformerEngine attention, the local spec the per-span SDPA one, both with the rotary table."""
+    from megatron.core.models.gpt import gpt_layer_specs
+
+    from wrpo_nemo.models.attention import RotaryTable, local_core_attention
+
+    class FakeTEAttention:  # TransformerEngine cannot be installed here: a stand-in class
+        pass
+
+    calls = []
+
+    def te_spec(*args, **kwargs):
+        calls.append("te")
+        return gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm")
+
+    monkeypatch.setattr(gpt_layer_specs, "get_gpt_layer_with_transformer_engine_spec", te_spec)
+    monkeypatch.setattr(builder, "te_segment_attention_class", lambda: FakeTEAttention)
+    rotary = RotaryTable(16, 10000.0)
+    te = builder.select_layer_spec(True, rotary).submodules.self_attention.submodules.core_attention
+    assert calls == ["te"] and te.module is FakeTEAttention and te.params == {"rotary": rotary}
+    local = builder.select_layer_spec(False, rotary).submodules.self_attention.submodules.core_attention
+    assert local.module is local_core_attention() and local.params == {"rotary": rotary}

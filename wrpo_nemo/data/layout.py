@@ -1,20 +1,34 @@
 """The packed micro-batch: the one contract between the data layer and the training engine.
 
-A micro-batch is ``rows`` rows of ``seq_length`` tokens. Each row holds whole *segments*; a segment is one
-full sequence ``prompt + response`` (the prompt is repeated for each of its responses). In a WRPO batch
-every prompt contributes exactly three segments, one per role, and all three are in the same micro-batch
-(usually the same row); in an SFT batch every prompt contributes one segment (role ``SOURCE_CHOSEN``).
+A micro-batch is ``rows`` rows of ``seq_length`` tokens. Each row holds whole *groups*; a group is what one
+prompt contributes. Two layouts (``data.layout``):
+
+- ``separate``: one segment ``prompt + response`` per response (the prompt repeated for each response);
+- ``shared_prompt``: the prompt once, then each response. Every response is laid out as a *span* that starts
+  with the prompt's last token (whose logits predict the response's first token) and attends to the shared
+  prompt before it and causally to itself, never to a sibling response. Rotary positions of every response
+  continue from the prompt's end, so the log-probs equal those of the separate layout exactly.
+
+In a WRPO batch every prompt has three responses, one per role, all in the same micro-batch (and row); in an
+SFT batch one (role ``SOURCE_CHOSEN``), always in the separate layout.
 
 Token-level tensors (``[rows, seq_length]``):
 
 - ``tokens``: input ids; padding positions hold ``pad_id``.
-- ``labels``: the next token of the same segment at each position (``tokens`` shifted left by one inside
-  the segment); ``IGNORE_INDEX`` where there is no next token of the same segment or at padding.
+- ``labels``: the next token of the same sequence at each position; ``IGNORE_INDEX`` where there is none
+  (the end of a response, the shared prompt, padding).
 - ``loss_mask``: ``True`` where ``labels`` is a *response* token (the prediction of the response, including
   the template's end-of-turn token, never the prompt or the assistant header).
-- ``position_ids``: restart at 0 at the start of every segment.
-- ``segment_ids``: the micro-batch-wide index of the segment a token belongs to, ``0 .. num_segments-1``
-  (unique across rows); ``-1`` at padding.
+- ``position_ids``: the rotary position of each token in its own ``prompt + response`` sequence.
+- ``segment_ids``: the micro-batch-wide index of the segment (one response of one prompt) a token belongs to,
+  ``0 .. num_segments-1`` (unique across rows); a shared prompt belongs to its group's first segment; ``-1``
+  at padding.
+
+Attention (``[num_spans, 4]``, ``attn_spans``): every token of the micro-batch, in order, belongs to exactly
+one span ``(start, end, prefix_start, prefix_end)`` of flat token positions (``row * seq_length + column``).
+The queries ``start .. end-1`` attend to the keys ``prefix_start .. prefix_end-1`` (the shared prompt; empty
+when ``prefix_start == prefix_end``) and causally to ``start .. end-1``. A span with ``prefix_start == -1``
+is padding: it attends to nothing outside itself and its outputs are never used.
 
 Segment-level tensors (``[num_segments]``), indexed by ``segment_ids``:
 
@@ -31,6 +45,7 @@ Prompt-level tensors (``[num_prompts]`` or ``[num_prompts, 3]``):
 from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
+from typing import Literal
 
 import torch
 
@@ -46,6 +61,10 @@ REJECTED = 2
 ROLE_NAMES = ("source_chosen", "target_chosen", "rejected")
 NUM_ROLES = 3
 
+Layout = Literal["shared_prompt", "separate"]
+LAYOUTS: tuple[str, ...] = ("shared_prompt", "separate")
+"""``shared_prompt``: each prompt once, its responses after it; ``separate``: the prompt repeated per response."""
+
 
 @dataclass
 class PackedBatch:
@@ -56,6 +75,7 @@ class PackedBatch:
     loss_mask: torch.Tensor
     position_ids: torch.Tensor
     segment_ids: torch.Tensor
+    attn_spans: torch.Tensor
     segment_prompt: torch.Tensor
     segment_role: torch.Tensor
     prompt_index: torch.Tensor
@@ -76,6 +96,20 @@ class PackedBatch:
             for f in fields(self)
         }
         return replace(self, **moved)
+
+    def _validate_spans(self) -> None:
+        spans = self.attn_spans
+        total = self.tokens.numel()
+        if spans.ndim != 2 or spans.shape[1] != 4 or spans.shape[0] == 0:
+            raise ValueError(f"attn_spans must be [num_spans, 4], got shape {tuple(spans.shape)}")
+        start, end, pre_start, pre_end = spans.unbind(1)
+        if int(start[0]) != 0 or int(end[-1]) != total or bool((start[1:] != end[:-1]).any()):
+            raise ValueError(f"attn_spans must tile the {total} tokens of the micro-batch in order")
+        if bool((end <= start).any()):
+            raise ValueError("attn_spans holds an empty span")
+        real = pre_start >= 0
+        if bool((real & ((pre_end < pre_start) | (pre_end > start))).any()):
+            raise ValueError("a span's prefix must lie before the span")
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the field whose shape or content breaks the contract."""
@@ -102,6 +136,7 @@ class PackedBatch:
             raise ValueError("segment_role must be 0 (source_chosen), 1 (target_chosen) or 2 (rejected)")
         if n_seg and int(self.segment_prompt.max()) >= self.num_prompts:
             raise ValueError("segment_prompt refers to a prompt beyond prompt_index")
+        self._validate_spans()
         if self.reference_logps is not None and tuple(self.reference_logps.shape) != (
             self.num_prompts,
             NUM_ROLES,
@@ -111,15 +146,19 @@ class PackedBatch:
             )
 
 
-def attention_mask_from_segments(segment_ids: torch.Tensor) -> torch.Tensor:
-    """Block-diagonal causal mask for packed rows, in megatron's convention (``True`` = masked out).
+def check_layout(layout: str) -> None:
+    """Raise ``ValueError`` naming ``data.layout`` when ``layout`` is not one of :data:`LAYOUTS`."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"data.layout={layout!r} is not one of {', '.join(LAYOUTS)}")
 
-    Shape ``[rows, 1, seq, seq]``. A token attends to earlier tokens of its own segment only. Padding
-    tokens attend to themselves (keeps softmax finite; their outputs are never used).
-    """
-    seq = segment_ids.shape[-1]
-    causal = torch.ones(seq, seq, dtype=torch.bool, device=segment_ids.device).tril()
-    same = segment_ids[:, :, None] == segment_ids[:, None, :]
-    allowed = same & causal
-    allowed |= torch.eye(seq, dtype=torch.bool, device=segment_ids.device)
-    return (~allowed).unsqueeze(1)
+
+def dense_attention_mask(batch: PackedBatch) -> torch.Tensor:
+    """The attention of ``attn_spans`` as a dense ``[T, T]`` boolean matrix over flat positions (``True`` =
+    may attend). For tests and inspection only: no backend uses a dense mask."""
+    total = batch.tokens.numel()
+    allowed = torch.zeros(total, total, dtype=torch.bool)
+    for start, end, pre_start, pre_end in batch.attn_spans.tolist():
+        allowed[start:end, start:end] = torch.ones(end - start, end - start, dtype=torch.bool).tril()
+        if pre_start >= 0:
+            allowed[start:end, pre_start:pre_end] = True
+    return allowed

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from wrpo_nemo.data.cache import TokenizedDataset
-from wrpo_nemo.data.layout import PackedBatch
+from wrpo_nemo.data.layout import Layout, PackedBatch
 from wrpo_nemo.data.packing import PackingError, Stage, group_lengths, pack_micro_batch, rows_needed
 
 
@@ -121,7 +121,8 @@ class PackedBatchLoader:
     prompt) or ``"sft"`` (y_ws only); ``pad_id`` fills padding (any valid id; the loss never sees it);
     ``reference_logps`` (``[len(dataset), 3]``) rides along into every batch; ``plan_epochs`` is how many
     epochs the run trains (rows are planned over them; a later epoch may need more and then fails with
-    :class:`PackingError`); ``stratify_window`` is described in :class:`PromptOrder`.
+    :class:`PackingError`); ``stratify_window`` is described in :class:`PromptOrder`; ``layout`` is the WRPO
+    row layout (``shared_prompt`` or ``separate``, see :mod:`wrpo_nemo.data.layout`).
     """
 
     def __init__(
@@ -141,6 +142,7 @@ class PackedBatchLoader:
         reference_logps: np.ndarray | None = None,
         plan_epochs: int = 1,
         stratify_window: int = 32,
+        layout: Layout = "shared_prompt",
     ) -> None:
         if not 0 <= dp_rank < dp_size:
             raise ValueError(f"dp_rank={dp_rank} is outside the data-parallel size {dp_size}")
@@ -149,13 +151,14 @@ class PackedBatchLoader:
                 f"reference log-probs have {len(reference_logps)} rows, the dataset {len(dataset)}"
             )
         self.dataset = dataset
+        self.layout = layout
         self.order = PromptOrder(
             indices,
             global_batch_size,
             micro_batch_size,
             dp_size,
             seed,
-            group_lengths(dataset, stage),
+            group_lengths(dataset, stage, layout),
             stratify_window,
         )
         self.stage, self.seq_length, self.pad_id = stage, seq_length, pad_id
@@ -183,7 +186,7 @@ class PackedBatchLoader:
 
         Also sets :attr:`planned_tokens`, the real tokens of those micro-batches, for :meth:`efficiency`.
         """
-        lengths = group_lengths(self.dataset, self.stage)
+        lengths = group_lengths(self.dataset, self.stage, self.layout)
         most, tokens, count = 1, 0, 0
         for epoch in range(epochs):
             order = self.order.epoch_order(epoch)
@@ -227,6 +230,7 @@ class PackedBatchLoader:
                 self.rows_per_micro_batch,
                 self.pad_id,
                 self.reference_logps,
+                layout=self.layout,
             )
             for micro in self.next_indices()
         ]
@@ -274,6 +278,7 @@ def sequential_batches(
     dp_rank: int = 0,
     dp_size: int = 1,
     rows_per_micro_batch: int | None = None,
+    layout: Layout = "shared_prompt",
 ) -> Iterator[PackedBatch]:
     """Every prompt of ``indices`` exactly once, in order, as packed micro-batches of this rank.
 
@@ -285,7 +290,7 @@ def sequential_batches(
     indices = np.asarray(indices, dtype=np.int64)
     chunks = [indices[i : i + micro_batch_size] for i in range(0, len(indices), micro_batch_size)]
     if rows_per_micro_batch is None:
-        lengths = group_lengths(dataset, stage)
+        lengths = group_lengths(dataset, stage, layout)
         rows_per_micro_batch = max((rows_needed(lengths[c], seq_length) for c in chunks), default=1)
     for chunk in chunks[dp_rank::dp_size]:
-        yield pack_micro_batch(dataset, chunk, stage, seq_length, rows_per_micro_batch, pad_id)
+        yield pack_micro_batch(dataset, chunk, stage, seq_length, rows_per_micro_batch, pad_id, layout=layout)

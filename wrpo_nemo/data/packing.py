@@ -1,9 +1,11 @@
 """Packing the prompts of one micro-batch into a fixed ``[rows, seq_length]`` :class:`PackedBatch`.
 
-A *group* is what one prompt contributes: its three segments ``prompt + y`` (WRPO) or its one segment
-``prompt + y_ws`` (SFT). Groups are placed whole into rows by first-fit decreasing, so a prompt never
-splits across rows; the number of rows is fixed by the caller because megatron's pipeline schedules need
-one shape for every micro-batch. A micro-batch whose groups do not fit raises :class:`PackingError`.
+A *group* is what one prompt contributes: in WRPO its prompt and three responses, laid out as
+``prompt + y`` three times (``separate``) or as the prompt once followed by the three responses
+(``shared_prompt``, see :mod:`wrpo_nemo.data.layout`); in SFT its one segment ``prompt + y_ws``. Groups are
+placed whole into rows by first-fit decreasing, so a prompt never splits across rows; the number of rows is
+fixed by the caller because megatron's pipeline schedules need one shape for every micro-batch. A micro-batch
+whose groups do not fit raises :class:`PackingError`.
 """
 
 from __future__ import annotations
@@ -14,21 +16,45 @@ import numpy as np
 import torch
 
 from wrpo_nemo.data.cache import TokenizedDataset
-from wrpo_nemo.data.layout import IGNORE_INDEX, NUM_ROLES, ROLE_NAMES, SOURCE_CHOSEN, PackedBatch
+from wrpo_nemo.data.layout import (
+    IGNORE_INDEX,
+    NUM_ROLES,
+    ROLE_NAMES,
+    SOURCE_CHOSEN,
+    Layout,
+    PackedBatch,
+    check_layout,
+)
 
 Stage = Literal["sft", "wrpo"]
 STAGE_ROLES: dict[str, tuple[int, ...]] = {"sft": (SOURCE_CHOSEN,), "wrpo": tuple(range(NUM_ROLES))}
 """The roles whose segments a prompt contributes in each stage."""
+PAD_SPAN = 64
+"""Padding is cut into attention spans of at most this many tokens (TransformerEngine's THD format needs every
+token in a sequence; short ones keep their attention cost negligible)."""
 
 
 class PackingError(ValueError):
     """The prompts of a micro-batch do not fit the rows it is given."""
 
 
-def group_lengths(dataset: TokenizedDataset, stage: Stage) -> np.ndarray:
-    """Tokens each example occupies in a row in ``stage`` (its segments, prompt repeated per segment)."""
+def effective_layout(stage: Stage, layout: Layout) -> Layout:
+    """The layout a stage packs with: SFT has one response per prompt, so nothing to share."""
+    check_layout(layout)
+    return "separate" if stage == "sft" else layout
+
+
+def group_lengths(dataset: TokenizedDataset, stage: Stage, layout: Layout = "shared_prompt") -> np.ndarray:
+    """Tokens each example occupies in a row in ``stage`` and ``layout``.
+
+    ``separate``: the prompt once per response. ``shared_prompt``: the prompt once, and its last token once more
+    per response after the first (each response's span starts with it).
+    """
     roles = STAGE_ROLES[stage]
-    return len(roles) * dataset.lengths("prompt") + sum(dataset.lengths(ROLE_NAMES[r]) for r in roles)
+    responses = sum(dataset.lengths(ROLE_NAMES[r]) for r in roles)
+    if effective_layout(stage, layout) == "shared_prompt":
+        return dataset.lengths("prompt") + (len(roles) - 1) + responses
+    return len(roles) * dataset.lengths("prompt") + responses
 
 
 def first_fit_decreasing(lengths: np.ndarray, seq_length: int) -> list[list[int]]:
@@ -65,15 +91,17 @@ def pack_micro_batch(
     rows: int,
     pad_id: int,
     reference_logps: np.ndarray | None = None,
+    layout: Layout = "shared_prompt",
 ) -> PackedBatch:
     """Pack examples ``indices`` (dataset positions) into ``rows`` rows of ``seq_length`` tokens.
 
     The micro-batch-local prompt ``k`` is ``indices[k]``; ``reference_logps`` (``[len(dataset), 3]``) adds
-    their stored reference log-probs to the batch.
+    their stored reference log-probs to the batch. ``layout`` applies to WRPO (SFT is always separate).
     """
     indices = np.asarray(indices, dtype=np.int64)
     roles = STAGE_ROLES[stage]
-    lengths = group_lengths(dataset, stage)[indices]
+    layout = effective_layout(stage, layout)
+    lengths = group_lengths(dataset, stage, layout)[indices]
     placement = first_fit_decreasing(lengths, seq_length)
     if len(placement) > rows:
         raise PackingError(
@@ -84,15 +112,18 @@ def pack_micro_batch(
     arrays = _empty_rows(rows, seq_length, pad_id)
     segment_prompt: list[int] = []
     segment_role: list[int] = []
-    for r, row_groups in enumerate(placement):
+    spans: list[tuple[int, int, int, int]] = []
+    for r in range(rows):
         start = 0
-        for k in row_groups:
+        for k in placement[r] if r < len(placement) else []:
             prompt = dataset.ids("prompt", int(indices[k]))
-            for role in roles:
-                response = dataset.ids(ROLE_NAMES[role], int(indices[k]))
-                start = _write_segment(arrays, r, start, prompt, response, len(segment_role))
-                segment_prompt.append(k)
-                segment_role.append(role)
+            responses = [dataset.ids(ROLE_NAMES[role], int(indices[k])) for role in roles]
+            start = _write_group(arrays, spans, r, start, prompt, responses, len(segment_role), layout)
+            segment_prompt += [k] * len(roles)
+            segment_role += list(roles)
+        for pad in range(start, seq_length, PAD_SPAN):
+            flat = r * seq_length + pad
+            spans.append((flat, flat + min(PAD_SPAN, seq_length - pad), -1, -1))
     ref = None
     if reference_logps is not None:
         ref = torch.as_tensor(np.asarray(reference_logps[indices], dtype=np.float32))
@@ -100,6 +131,7 @@ def pack_micro_batch(
         **{name: torch.from_numpy(array) for name, array in arrays.items()},
         segment_prompt=torch.tensor(segment_prompt, dtype=torch.long),
         segment_role=torch.tensor(segment_role, dtype=torch.long),
+        attn_spans=torch.tensor(spans, dtype=torch.long),
         prompt_index=torch.from_numpy(indices.copy()),
         reference_logps=ref,
     )
@@ -116,25 +148,51 @@ def _empty_rows(rows: int, seq_length: int, pad_id: int) -> dict[str, np.ndarray
     }
 
 
-def _write_segment(
+def _write_group(
     arrays: dict[str, np.ndarray],
+    spans: list[tuple[int, int, int, int]],
     row: int,
     start: int,
     prompt: np.ndarray,
-    response: np.ndarray,
-    segment: int,
+    responses: list[np.ndarray],
+    first_segment: int,
+    layout: Layout,
 ) -> int:
-    """Write one ``prompt + response`` segment at ``start`` of ``row``; returns where the next one starts."""
-    end = start + len(prompt) + len(response)
-    tokens = arrays["tokens"][row]
-    tokens[start:end] = np.concatenate([prompt, response])
-    arrays["labels"][row, start : end - 1] = tokens[start + 1 : end]
-    # The logits at position j predict token j+1: the response's tokens are predicted from the last prompt
-    # position up to the one before the segment's end.
-    arrays["loss_mask"][row, start + len(prompt) - 1 : end - 1] = True
-    arrays["position_ids"][row, start:end] = np.arange(end - start)
-    arrays["segment_ids"][row, start:end] = segment
-    return end
+    """Write one prompt's group at ``start`` of ``row``; returns where the next group starts.
+
+    Each response becomes a span ``head + response`` whose first token's logits predict the response's first
+    token: ``head`` is the whole prompt (``separate``) or its last token, after a shared span holding the rest
+    of the prompt (``shared_prompt``).
+    """
+    seq_length = arrays["tokens"].shape[1]
+    flat = row * seq_length
+    prefix = (start, start)  # shared keys every response span attends to (none in the separate layout)
+    head = prompt
+    if layout == "shared_prompt" and len(prompt) > 1:
+        shared = prompt[:-1]
+        end = start + len(shared)
+        arrays["tokens"][row, start:end] = shared
+        arrays["position_ids"][row, start:end] = np.arange(len(shared))
+        arrays["segment_ids"][row, start:end] = first_segment
+        spans.append((flat + start, flat + end, flat + start, flat + start))
+        prefix = (flat + start, flat + end)
+        head = prompt[-1:]
+        start = end
+    offset = len(prompt) - len(head)  # rotary position of the head's first token
+    for i, response in enumerate(responses):
+        end = start + len(head) + len(response)
+        tokens = arrays["tokens"][row]
+        tokens[start:end] = np.concatenate([head, response])
+        arrays["labels"][row, start : end - 1] = tokens[start + 1 : end]
+        # The logits at position j predict token j+1: the response's tokens are predicted from the head's last
+        # position up to the one before the span's end.
+        arrays["loss_mask"][row, start + len(head) - 1 : end - 1] = True
+        arrays["position_ids"][row, start:end] = np.arange(offset, offset + end - start)
+        arrays["segment_ids"][row, start:end] = first_segment + i
+        shared_prefix = prefix if prefix[0] != prefix[1] else (flat + start, flat + start)
+        spans.append((flat + start, flat + end, *shared_prefix))
+        start = end
+    return start
 
 
 def packing_efficiency(batch: PackedBatch) -> float:

@@ -2,6 +2,9 @@
 
 What the machine has decides the implementation: TransformerEngine layers (fused BF16 kernels, FP8 on Hopper or
 newer) when TransformerEngine imports and a GPU is present, megatron's local layers otherwise (every CPU machine).
+Either way the core attention is segment-aware (:mod:`wrpo_nemo.models.attention`) and the model is called with
+packed rows as one THD sequence plus :class:`~wrpo_nemo.models.attention.SegmentAttentionParams`: that format
+and the layer spec are chosen together in :func:`select_layer_spec`.
 Parallel sizes come from ``parallel_state``, which must be initialised first
 (:func:`wrpo_nemo.training.parallel.initialize_parallel`).
 """
@@ -14,6 +17,7 @@ from typing import Literal
 import torch
 
 from wrpo_nemo import compat
+from wrpo_nemo.models.attention import RotaryTable, local_core_attention, te_segment_attention_class
 from wrpo_nemo.models.config import ModelConfig
 
 Precision = Literal["auto", "bf16", "fp32"]
@@ -39,13 +43,27 @@ def use_transformer_engine() -> bool:
     return compat.cuda_available() and transformer_engine_available()
 
 
-def select_layer_spec(use_te: bool):
-    """megatron's layer spec for a Llama-style block (RMSNorm, SwiGLU, GQA, rope)."""
+def select_layer_spec(use_te: bool, rotary: RotaryTable):
+    """megatron's layer spec for a Llama-style block (RMSNorm, SwiGLU, GQA), with our segment-aware core attention.
+
+    The one place that pairs a backend with the batch format: both take packed rows as THD
+    ``SegmentAttentionParams`` and rotate queries and keys to each token's own position (``rotary``), so the
+    model is built with ``position_embedding_type="none"``. TransformerEngine: its fused linear/norm layers and
+    its attention in THD format (cu_seqlens); elsewhere: megatron's local layers and per-span SDPA.
+    """
     from megatron.core.models.gpt import gpt_layer_specs
+    from megatron.core.transformer.spec_utils import ModuleSpec
 
     if use_te:
-        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
-    return gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm")
+        spec = gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
+        attention = te_segment_attention_class()
+    else:
+        spec = gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm")
+        attention = local_core_attention()
+    spec.submodules.self_attention.submodules.core_attention = ModuleSpec(
+        module=attention, params={"rotary": rotary}
+    )
+    return spec
 
 
 def check_fp8(fp8: str | None, use_te: bool) -> None:
@@ -131,27 +149,14 @@ def transformer_config(
         bf16=dtype == torch.bfloat16,
         fp8=fp8,
         use_cpu_initialization=not compat.cuda_available(),
-        # Fused kernels exist only on the TransformerEngine path; the local path must run on a CPU.
+        # Fused kernels exist only on the TransformerEngine path; the local path must run on a CPU. Rotary
+        # embeddings are applied by the segment-aware attention (per-token positions), not megatron's rope.
         masked_softmax_fusion=False,
         bias_activation_fusion=use_te,
-        apply_rope_fusion=use_te,
+        apply_rope_fusion=False,
         gradient_accumulation_fusion=False,
         **_recompute_kwargs(recompute, recompute_num_layers),
     )
-
-
-def _apply_llama3_rope_scaling(model, cfg: ModelConfig) -> None:
-    """Give the rotary embedding all four Llama-3.1 scaling parameters.
-
-    megatron's ``GPTModel`` exposes only ``rope_scaling_factor`` and fixes the others at Llama 3.1's values
-    (1, 4, 8192); recomputing with megatron's own formula makes any Hugging Face ``llama3`` config exact.
-    """
-    rotary = getattr(model, "rotary_pos_emb", None)
-    if rotary is None or cfg.rope_scaling is None:
-        return
-    dim, device = cfg.head_dim, rotary.inv_freq.device
-    base = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float32, device=device) / dim))
-    rotary.inv_freq = rotary._apply_scaling(base, **vars(cfg.rope_scaling))
 
 
 def build_gpt_model(
@@ -190,20 +195,18 @@ def build_gpt_model(
         post_process = parallel_state.is_pipeline_last_stage()
     # With tied embeddings split over pipeline stages, megatron moves the output weight with ``.cuda()``
     # before all-reducing it over the embedding group; redirected to the CPU there (compat, item 4).
+    rotary = RotaryTable(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
     with compat.redirect_cuda_to_cpu():
         model = GPTModel(
             config,
-            transformer_layer_spec=select_layer_spec(use_te),
+            transformer_layer_spec=select_layer_spec(use_te, rotary),
             vocab_size=cfg.padded_vocab_size(config.tensor_model_parallel_size),
             max_sequence_length=cfg.max_position_embeddings,
             pre_process=pre_process,
             post_process=post_process,
             parallel_output=parallel_output,
             share_embeddings_and_output_weights=cfg.tie_word_embeddings,
-            position_embedding_type="rope",
-            rotary_base=cfg.rope_theta,
-            rope_scaling=cfg.rope_scaling is not None,
-            rope_scaling_factor=cfg.rope_scaling.factor if cfg.rope_scaling else 8.0,
+            position_embedding_type="none",
         )
-    _apply_llama3_rope_scaling(model, cfg)
+    model.rotary_table = rotary
     return model

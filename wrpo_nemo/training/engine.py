@@ -154,13 +154,15 @@ def run_schedule(
             raise ValueError("all micro-batches of a step must share one [rows, seq_length] shape")
     forward_backward = get_forward_backward_func()
     with compat.redirect_cuda_to_cpu():
+        # The model runs each micro-batch as one THD sequence of rows * seq_length tokens (batch 1): that is
+        # the activation shape pipeline stages exchange.
         return forward_backward(
             forward_step_func=forward_step,
             data_iterator=iter(micro_batches),
             model=[model],
             num_microbatches=len(micro_batches),
-            seq_length=seq_length,
-            micro_batch_size=rows,
+            seq_length=rows * seq_length,
+            micro_batch_size=1,
             forward_only=forward_only,
         )
 

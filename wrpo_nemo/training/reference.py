@@ -16,7 +16,7 @@ import torch.distributed as dist
 
 from wrpo_nemo import compat
 from wrpo_nemo.data.cache import TokenizedDataset
-from wrpo_nemo.data.layout import PackedBatch
+from wrpo_nemo.data.layout import Layout, PackedBatch
 from wrpo_nemo.data.packing import group_lengths, pack_micro_batch, rows_needed
 from wrpo_nemo.data.reference import load_reference_logps, save_reference_logps
 from wrpo_nemo.training.engine import run_schedule
@@ -63,8 +63,13 @@ def compute_reference_logps(
     pad_id: int,
     device: torch.device,
     vocab_size: int,
+    layout: Layout = "shared_prompt",
 ) -> np.ndarray:
-    """``[len(dataset), 3]`` reference log-probs for ``indices`` (0 elsewhere), identical on every rank."""
+    """``[len(dataset), 3]`` reference log-probs for ``indices`` (0 elsewhere), identical on every rank.
+
+    The values do not depend on ``layout`` (it only decides how the rows are packed), so a store computed in
+    one layout serves runs in the other.
+    """
     from megatron.core import parallel_state
 
     dp_rank = parallel_state.get_data_parallel_rank()
@@ -77,13 +82,13 @@ def compute_reference_logps(
     mine = groups[:, dp_rank]
     # One row count for every micro-batch of every rank (pipeline stages exchange fixed shapes), sized for
     # the fullest of these consecutive groups, which are not length-balanced like training micro-batches.
-    lengths = group_lengths(dataset, "wrpo")
+    lengths = group_lengths(dataset, "wrpo", layout)
     rows = max(rows_needed(lengths[g], seq_length) for g in groups.reshape(-1, micro_batch_size))
     values = torch.zeros(len(dataset), 3, dtype=torch.float64)
     seen = torch.zeros(len(dataset), dtype=torch.float64)
     for start in range(0, len(mine), MICRO_BATCHES_PER_PASS):
         batches = [
-            pack_micro_batch(dataset, micro, "wrpo", seq_length, rows, pad_id)
+            pack_micro_batch(dataset, micro, "wrpo", seq_length, rows, pad_id, layout=layout)
             for micro in mine[start : start + MICRO_BATCHES_PER_PASS]
         ]
         v, s = _collect(reference_pass(model, batches, device, vocab_size), len(dataset))

@@ -21,9 +21,10 @@ from typing import Literal
 
 import torch
 
-from wrpo_nemo.data.layout import NUM_ROLES, PackedBatch, attention_mask_from_segments
+from wrpo_nemo.data.layout import NUM_ROLES, PackedBatch
 from wrpo_nemo.logprobs import per_prompt_by_role, segment_sums, token_logprobs
 from wrpo_nemo.losses import Preference, wrpo_loss
+from wrpo_nemo.models.attention import packed_forward, params_from_spans
 
 Stage = Literal["sft", "wrpo"]
 
@@ -128,13 +129,14 @@ def make_forward_step(loss_builder: Callable[[PackedBatch], Callable], device: t
     """A megatron ``forward_step_func`` over an iterator of ``PackedBatch`` micro-batches.
 
     ``loss_builder(batch)`` returns the ``loss_func(output)`` for that micro-batch (only called on the last
-    pipeline stage's output, by megatron).
+    pipeline stage's output, by megatron). The model sees the micro-batch as one THD sequence with its
+    attention spans and rotary positions (:mod:`wrpo_nemo.models.attention`), never a dense mask.
     """
 
     def forward_step(data_iterator: Iterator[PackedBatch], model):
-        batch = next(data_iterator).to(device)
-        mask = attention_mask_from_segments(batch.segment_ids)
-        output = model(batch.tokens, batch.position_ids, mask)
-        return output, loss_builder(batch)
+        packed = next(data_iterator)
+        params = params_from_spans(packed.attn_spans, packed.position_ids, device)
+        batch = packed.to(device)
+        return packed_forward(model, batch.tokens, params), loss_builder(batch)
 
     return forward_step
