@@ -75,7 +75,7 @@ def padding_efficiency(dataset, batches: list[np.ndarray]) -> float:
     return real / padded
 
 
-def _fixed_shape(dataset, args: argparse.Namespace, micro_batch_size: int) -> tuple[str, str]:
+def _fixed_shape(dataset, args: argparse.Namespace, micro_batch_size: int, layout: str) -> tuple[str, str]:
     """Efficiency of the loader's fixed-shape micro-batches (rows planned over the epoch), first 20 steps."""
     loader = PackedBatchLoader(
         dataset,
@@ -88,10 +88,14 @@ def _fixed_shape(dataset, args: argparse.Namespace, micro_batch_size: int) -> tu
         dp_size=1,
         seed=0,
         pad_id=0,
+        layout=layout,
     )
     steps = min(20, loader.steps_per_epoch)
     eff = np.mean([packing_efficiency(b) for _ in range(steps) for b in loader.next_global_batch()])
-    name = f"loader: micro-batches of {micro_batch_size} prompts x {loader.rows_per_micro_batch} rows"
+    name = (
+        f"loader ({layout}): micro-batches of {micro_batch_size} prompts x {loader.rows_per_micro_batch} rows"
+        f" (planned {100 * loader.efficiency():.1f}%)"
+    )
     return name, f"{100 * eff:.1f}% real tokens"
 
 
@@ -100,10 +104,12 @@ def _pack_global_batches(dataset, args: argparse.Namespace) -> tuple[list[np.nda
     order = np.random.default_rng(0).permutation(len(dataset))
     size = args.batch_prompts
     batches = [order[i : i + size] for i in range(0, len(order) - size + 1, size)]
-    groups = group_lengths(dataset, "wrpo")
+    groups = group_lengths(dataset, "wrpo", "separate")
     start = time.perf_counter()
     packed = [
-        pack_micro_batch(dataset, b, "wrpo", args.seq_length, rows_needed(groups[b], args.seq_length), 0)
+        pack_micro_batch(
+            dataset, b, "wrpo", args.seq_length, rows_needed(groups[b], args.seq_length), 0, layout="separate"
+        )
         for b in batches
     ]
     seconds = time.perf_counter() - start
@@ -120,6 +126,7 @@ def main() -> None:
     parser.add_argument("--seq-length", type=int, default=4096)
     parser.add_argument("--batch-prompts", type=int, default=128)
     parser.add_argument("--micro-batch-sizes", type=int, nargs="+", default=[8, 16, 32])
+    parser.add_argument("--layouts", nargs="+", default=["shared_prompt", "separate"])
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "records.jsonl")
@@ -140,12 +147,22 @@ def main() -> None:
             (f"read + check + tokenise + cache, {args.workers} workers", f"{n / build_s:,.0f} records/s"),
             (f"pack (global batches of {size} prompts)", f"{len(batches) * size / pack_s:,.0f} prompts/s"),
             ("tokenise + pack", f"{n / (build_s + pack_s):,.0f} records/s ({build_s + pack_s:.1f} s)"),
-            ("mean tokens per prompt (3 segments)", f"{group_lengths(dataset, 'wrpo').mean():,.0f}"),
+            *(
+                (
+                    f"mean tokens per prompt ({layout})",
+                    f"{group_lengths(dataset, 'wrpo', layout).mean():,.0f}",
+                )
+                for layout in args.layouts
+            ),
             (
-                f"packed: {size} prompts into rows of {args.seq_length}",
+                f"packed (separate): {size} prompts into rows of {args.seq_length}",
                 f"{100 * packed_eff:.1f}% real tokens",
             ),
-            *(_fixed_shape(dataset, args, m) for m in args.micro_batch_sizes),
+            *(
+                _fixed_shape(dataset, args, m, layout)
+                for layout in args.layouts
+                for m in args.micro_batch_sizes
+            ),
             (
                 f"padded to the longest of {size} prompts (reference)",
                 f"{100 * padding_efficiency(dataset, batches):.1f}% real tokens",

@@ -9,8 +9,8 @@ What is handled (numbers refer to the list in ``shared/STACK.md``):
 
 1. The CUDA RNG tracker: ``DotProductAttention`` always enters ``get_cuda_rng_tracker().fork()``. On CPU the
    tracker is replaced by megatron's own inference tracker, whose fork is a no-op (exact with dropout 0).
-2. ``get_default_causal_mask`` allocates on CUDA: callers always pass an explicit mask
-   (see :func:`wrpo_nemo.data.layout.attention_mask_from_segments`).
+2. ``get_default_causal_mask`` allocates on CUDA: never reached, the model's core attention is our
+   segment-aware one (:mod:`wrpo_nemo.models.attention`), which takes no mask.
 3. ``torch.cuda.current_device()`` (rotary embeddings, the global memory buffer, p2p shape exchange) returns
    the CPU device on a CPU build instead of raising.
 4. Tensors built with a literal ``device="cuda"`` (pipeline schedules, the optimizer, gradient clipping) are
@@ -44,6 +44,7 @@ __all__ = [
     "cuda_available",
     "default_backend",
     "device",
+    "outside_redirect",
     "peak_bf16_tflops",
     "prepare_runtime",
     "redirect_cuda_to_cpu",
@@ -174,6 +175,20 @@ class _CudaToCpu(TorchFunctionMode):
         if func in (torch.Tensor.to,):
             args = tuple("cpu" if _is_cuda_device(a) else a for a in args)
         return func(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def outside_redirect() -> Iterator[None]:
+    """Suspend :func:`redirect_cuda_to_cpu` for code that needs no redirection (the model's forward, which
+    megatron's schedules call inside it): every torch call under the mode pays a Python dispatch."""
+    from torch.overrides import _get_current_function_mode_stack, _pop_mode_temporarily
+
+    stack = _get_current_function_mode_stack()
+    if not stack or not isinstance(stack[-1], _CudaToCpu):
+        yield
+        return
+    with _pop_mode_temporarily():
+        yield
 
 
 @contextlib.contextmanager

@@ -18,61 +18,56 @@ import json
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from wrpo_nemo import compat
-from wrpo_nemo.data.layout import IGNORE_INDEX, PackedBatch
+from wrpo_nemo.data.layout import ROLE_NAMES, PackedBatch
+from wrpo_nemo.data.packing import group_lengths, pack_micro_batch
 from wrpo_nemo.models.config import ModelConfig
 from wrpo_nemo.models.presets import get_preset
 
 
-def synthetic_wrpo_batch(
-    *, rows: int, seq_length: int, prompt_len: int, response_len: int, vocab_size: int, seed: int = 0
-) -> PackedBatch:
-    """A packed WRPO micro-batch of random ids: as many whole prompts (three segments each) as fit a row.
+class SyntheticPrompts:
+    """Random token ids shaped like a tokenised dataset (``ids`` and ``lengths``), for the real packing code."""
 
-    Every segment is ``prompt + response``; labels are the next id of the same segment, the loss mask covers
-    the ``response_len`` predictions of response ids; reference log-probs are a plausible constant.
-    """
-    seg_len = prompt_len + response_len
-    per_row = seq_length // (3 * seg_len)
+    def __init__(
+        self, count: int, prompt_len: int, response_len: int, vocab_size: int, seed: int = 0
+    ) -> None:
+        rng = np.random.default_rng(seed)
+        self._ids = {"prompt": rng.integers(1, vocab_size, (count, prompt_len))}
+        for name in ROLE_NAMES:
+            self._ids[name] = rng.integers(1, vocab_size, (count, response_len))
+
+    def ids(self, name: str, index: int) -> np.ndarray:
+        return self._ids[name][index]
+
+    def lengths(self, name: str) -> np.ndarray:
+        count, length = self._ids[name].shape
+        return np.full(count, length, dtype=np.int64)
+
+
+def synthetic_wrpo_batch(
+    *,
+    rows: int,
+    seq_length: int,
+    prompt_len: int,
+    response_len: int,
+    vocab_size: int,
+    seed: int = 0,
+    layout: str = "shared_prompt",
+) -> PackedBatch:
+    """A packed WRPO micro-batch of random ids: as many whole prompts (three responses each) as fit a row,
+    packed by the trainer's own packing code in ``layout``; reference log-probs are a plausible constant."""
+    group = int(group_lengths(SyntheticPrompts(1, prompt_len, response_len, 2), "wrpo", layout)[0])
+    per_row = seq_length // group
     if per_row < 1:
-        raise ValueError(f"seq_length={seq_length} cannot hold one prompt's three {seg_len}-token segments")
-    gen = torch.Generator().manual_seed(seed)
-    shape = (rows, seq_length)
-    tokens = torch.zeros(shape, dtype=torch.long)
-    labels = torch.full(shape, IGNORE_INDEX, dtype=torch.long)
-    loss_mask = torch.zeros(shape, dtype=torch.bool)
-    position_ids = torch.zeros(shape, dtype=torch.long)
-    segment_ids = torch.full(shape, -1, dtype=torch.long)
-    segment_prompt, segment_role = [], []
-    for row in range(rows):
-        for p in range(per_row):
-            prompt = torch.randint(1, vocab_size, (prompt_len,), generator=gen)
-            for role in range(3):
-                seq = torch.cat([prompt, torch.randint(1, vocab_size, (response_len,), generator=gen)])
-                start = (p * 3 + role) * seg_len
-                span = slice(start, start + seg_len)
-                tokens[row, span] = seq
-                labels[row, start : start + seg_len - 1] = seq[1:]
-                # Positions prompt_len - 1 .. seg_len - 2 predict the response ids.
-                loss_mask[row, start + prompt_len - 1 : start + seg_len - 1] = True
-                position_ids[row, span] = torch.arange(seg_len)
-                segment_ids[row, span] = len(segment_role)
-                segment_prompt.append(row * per_row + p)
-                segment_role.append(role)
+        raise ValueError(f"seq_length={seq_length} cannot hold one prompt's {group}-token group ({layout})")
     prompts = rows * per_row
-    return PackedBatch(
-        tokens=tokens,
-        labels=labels,
-        loss_mask=loss_mask,
-        position_ids=position_ids,
-        segment_ids=segment_ids,
-        segment_prompt=torch.tensor(segment_prompt),
-        segment_role=torch.tensor(segment_role),
-        prompt_index=torch.arange(prompts),
-        reference_logps=torch.full((prompts, 3), -2.0 * response_len),
-    )
+    data = SyntheticPrompts(prompts, prompt_len, response_len, vocab_size, seed)
+    batch = pack_micro_batch(data, np.arange(prompts), "wrpo", seq_length, rows, pad_id=0, layout=layout)
+    batch.reference_logps = torch.full((prompts, 3), -2.0 * response_len)
+    return batch
 
 
 def llama3_8b_shaped(layers: int, **overrides: int) -> ModelConfig:
@@ -145,7 +140,9 @@ def benchmark(args: argparse.Namespace) -> dict:
                                ffn=args.ffn, vocab=args.vocab)  # fmt: skip
         shape = dict(seq_length=args.seq, prompt_len=args.prompt_len, response_len=args.response_len)
         batches = [
-            synthetic_wrpo_batch(rows=args.rows, vocab_size=cfg.vocab_size, seed=i, **shape)
+            synthetic_wrpo_batch(
+                rows=args.rows, vocab_size=cfg.vocab_size, seed=i, layout=args.layout, **shape
+            )
             for i in range(args.micro_batches)
         ]
         timing = time_wrpo_steps(cfg, batches, args.steps, args.warmup)
@@ -207,6 +204,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--prompt-len", type=int, default=512)
     p.add_argument("--response-len", type=int, default=768)
     p.add_argument("--rows", type=int, default=1, help="packed rows per micro-batch")
+    p.add_argument(
+        "--layout", choices=["shared_prompt", "separate"], default="shared_prompt", help="row layout"
+    )
     p.add_argument("--micro-batches", type=int, default=4, help="micro-batches per optimizer step")
     p.add_argument("--steps", type=int, default=6, help="timed steps")
     p.add_argument("--warmup", type=int, default=2)

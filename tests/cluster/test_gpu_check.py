@@ -35,32 +35,41 @@ def gpu_check(tmp_path: Path, *args: str, **env: str) -> subprocess.CompletedPro
     return subprocess.run(cmd, env=full_env, capture_output=True, text=True, timeout=240, cwd=ROOT)
 
 
-def test_synthetic_wrpo_batch_keeps_the_packed_layout_contract():
-    batch = bench.synthetic_wrpo_batch(rows=2, seq_length=100, prompt_len=5, response_len=7, vocab_size=50)
+@pytest.mark.parametrize("layout", ["shared_prompt", "separate"])
+def test_synthetic_wrpo_batch_keeps_the_packed_layout_contract(layout):
+    batch = bench.synthetic_wrpo_batch(
+        rows=2, seq_length=100, prompt_len=5, response_len=7, vocab_size=50, layout=layout
+    )
     batch.validate()
-    assert batch.num_prompts == 2 * (100 // 36) and batch.num_segments == 3 * batch.num_prompts
-    assert batch.segment_role.tolist() == [0, 1, 2] * batch.num_prompts
-    for seg in range(batch.num_segments):
-        where = batch.segment_ids == seg
-        tokens, labels, mask = batch.tokens[where], batch.labels[where], batch.loss_mask[where]
-        assert batch.position_ids[where].tolist() == list(range(12))
-        assert torch.equal(labels[:-1], tokens[1:]) and labels[-1] == IGNORE_INDEX
+    group = 5 + 2 + 3 * 7 if layout == "shared_prompt" else 3 * 12
+    assert batch.num_prompts == 2 * (100 // group) and batch.num_segments == 3 * batch.num_prompts
+    flat_tokens, flat_labels = batch.tokens.reshape(-1), batch.labels.reshape(-1)
+    prompts = {}
+    for start, end, pre_start, pre_end in batch.attn_spans.tolist():
+        if pre_start < 0 or not batch.loss_mask.reshape(-1)[start:end].any():
+            continue
+        seq = torch.cat([flat_tokens[pre_start:pre_end], flat_tokens[start:end]])
+        assert seq.numel() == 12 and torch.equal(
+            batch.position_ids.reshape(-1)[start:end], torch.arange(12 - (end - start), 12)
+        )
         # The loss covers exactly the predictions of the 7 response ids.
-        assert torch.equal(labels[mask], tokens[5:])
-    prompts = batch.tokens[batch.segment_ids >= 0].view(-1, 3, 12)[:, :, :5]
-    assert torch.equal(prompts[:, 0], prompts[:, 1]) and torch.equal(prompts[:, 0], prompts[:, 2])
+        mask = batch.loss_mask.reshape(-1)[start:end]
+        assert torch.equal(flat_labels[start:end][mask], seq[5:]) and flat_labels[end - 1] == IGNORE_INDEX
+        seg = int(batch.segment_ids.reshape(-1)[start])
+        prompts.setdefault(int(batch.segment_prompt[seg]), set()).add(tuple(seq[:5].tolist()))
+    assert len(prompts) == batch.num_prompts and all(len(p) == 1 for p in prompts.values())
 
 
 def test_gpu_check_runs_end_to_end_on_a_cpu_and_its_table_follows_from_its_measurements(tmp_path):
     out = gpu_check(tmp_path, *TINY_BENCH)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "nothing to install" in out.stdout
-    assert re.search(r"GPU tests\s+2 skipped", out.stdout), out.stdout[-2000:]
+    assert re.search(r"GPU tests\s+4 skipped", out.stdout), out.stdout[-2000:]
     result = json.loads((tmp_path / "out" / "bench.json").read_text())
     cfg = bench.llama3_8b_shaped(2, hidden=64, heads=4, groups=2, ffn=128, vocab=512)
     assert isinstance(cfg, ModelConfig) and cfg.vocab_size == 512 and cfg.num_query_groups == 2
-    # 2 micro-batches x 1 row x 2 prompts (128 // 60) x 3 segments x 20 tokens.
-    assert result["tokens_per_step"] == 2 * 1 * 2 * 3 * 20 and result["prompts_per_step"] == 4
+    # 2 micro-batches x 1 row x 2 prompts (128 // 46) x (shared prompt: 8 + 2 repeated last tokens + 3 x 12).
+    assert result["tokens_per_step"] == 2 * 1 * 2 * (8 + 2 + 3 * 12) and result["prompts_per_step"] == 4
     assert result["flops_per_token"] == pytest.approx(model_flops_per_token(cfg, 20))
     assert result["tokens_per_s"] == pytest.approx(result["tokens_per_step"] / result["step_s"])
     assert result["model_tflops"] == pytest.approx(result["flops_per_token"] * result["tokens_per_s"] / 1e12)

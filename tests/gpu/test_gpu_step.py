@@ -97,3 +97,34 @@ def test_bf16_token_logprobs_match_fp64_for_llama3_vocabulary_and_their_gradient
     assert logits.grad.dtype == torch.bfloat16
     # bf16 holds about 3 significant digits of softmax - onehot (|grad| <= 1 per entry).
     assert (logits.grad.double() - exact.grad).abs().max().item() < 8e-3
+
+
+@pytest.mark.parametrize("layout", ["shared_prompt", "separate"])
+def test_bf16_packed_logps_equal_each_sequence_run_alone(device, layout):
+    """The packed THD path on the GPU's attention backend (TransformerEngine where installed, per-span SDPA
+    otherwise), in bf16: every response's summed log-prob equals the same model run on ``prompt + response``
+    alone (one causal sequence; the CPU tests tie that path to Hugging Face's Llama)."""
+    import numpy as np
+
+    from wrpo_nemo.data.layout import ROLE_NAMES
+    from wrpo_nemo.data.packing import pack_micro_batch
+    from wrpo_nemo.models.attention import causal_rows_params, packed_forward, params_from_spans
+    from wrpo_nemo.training.engine import build_model, for_forward
+    from wrpo_nemo.training.step import response_logps
+
+    cfg = bench.llama3_8b_shaped(2, hidden=256, heads=8, groups=4, ffn=512, vocab=1000)
+    model = for_forward(build_model(cfg, precision="bf16").to(device)).eval()
+    data = bench.SyntheticPrompts(6, 24, 40, cfg.vocab_size, seed=3)
+    batch = pack_micro_batch(data, np.arange(6), "wrpo", 512, rows=3, pad_id=0, layout=layout)
+    with torch.no_grad():
+        params = params_from_spans(batch.attn_spans, batch.position_ids, device)
+        logits = packed_forward(model, batch.tokens.to(device), params)
+        packed, _ = response_logps(logits, batch.to(device), cfg.vocab_size)
+        alone = torch.zeros_like(packed)
+        for k in range(6):
+            for col, role in enumerate(ROLE_NAMES):
+                seq = torch.from_numpy(np.concatenate([data.ids("prompt", k), data.ids(role, k)])).to(device)
+                out = packed_forward(model, seq[None], causal_rows_params(1, len(seq), device)).float()
+                logp = torch.log_softmax(out[0, :, : cfg.vocab_size], dim=-1)
+                alone[k, col] = logp[23:-1].gather(1, seq[24:, None]).sum()
+    torch.testing.assert_close(packed.float(), alone, rtol=2e-2, atol=0.5)

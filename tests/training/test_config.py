@@ -91,7 +91,8 @@ def _layout_cfg(**overrides) -> RunConfig:
             r"wrpo\.global_batch_size=128 is not a multiple of wrpo\.micro_batch_size=3",
         ),
         ({"model__fp8": "hybrid"}, 1, r"model\.fp8 is set but there is no GPU"),
-        ({"parallel__context": 2}, 2, r"parallel\.context > 1 needs GPUs"),
+        ({"parallel__context": 2}, 2, r"parallel\.context=2: context parallelism is not supported"),
+        ({"data__layout": "packed"}, 1, r"data\.layout='packed' is not one of shared_prompt, separate"),
     ],
 )
 def test_impossible_layouts_stop_before_building_and_name_the_key(overrides, world, match):

@@ -1,5 +1,6 @@
-"""The engine's step-0 log-probs (packed rows, megatron GPTModel, vocab-parallel log-probs) equal those of
-the same weights in Hugging Face's LlamaForCausalLM, computed sequence by sequence with plain torch."""
+"""The engine's log-probs (packed rows, megatron GPTModel, segment attention, vocab-parallel log-probs) and their
+gradients equal those of the same weights in Hugging Face's LlamaForCausalLM, computed sequence by sequence
+unpacked with plain torch: in both row layouts, in one process, at TP=2 and at PP=2."""
 
 from pathlib import Path
 
@@ -43,7 +44,7 @@ def _varied_records(path: Path) -> str:
     return str(path)
 
 
-def _engine_logps(rank, world_size, tp, hf_dir, cache_path, out_file):
+def _engine_logps(rank, world_size, tp, hf_dir, cache_path, out_file, layout="shared_prompt"):
     from wrpo_nemo.converters.hf_import import load_hf_weights
     from wrpo_nemo.models import model_config_from_hf
     from wrpo_nemo.training.engine import build_model
@@ -58,7 +59,7 @@ def _engine_logps(rank, world_size, tp, hf_dir, cache_path, out_file):
         dataset = TokenizedDataset(cache_path)
         logps = compute_reference_logps(
             model, dataset, INDICES, micro_batch_size=2, seq_length=256, pad_id=0, device=device,
-            vocab_size=cfg.vocab_size,
+            vocab_size=cfg.vocab_size, layout=layout,
         )  # fmt: skip
         if rank == 0:
             np.save(out_file, logps)
@@ -103,10 +104,129 @@ def hf_and_data(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("tp", [1, 2])
-def test_engine_reference_logps_equal_hf_llama(hf_and_data, tp):
+@pytest.mark.parametrize(("tp", "layout"), [(1, "separate"), (2, "shared_prompt")])
+def test_engine_reference_logps_equal_hf_llama(hf_and_data, tp, layout):
     root, cache_path, expected = hf_and_data
-    out_file = root / f"engine-tp{tp}.npy"
-    run_distributed(_engine_logps, tp, tp, str(root / "hf"), cache_path, str(out_file))
+    out_file = root / f"engine-tp{tp}-{layout}.npy"
+    run_distributed(_engine_logps, tp, tp, str(root / "hf"), cache_path, str(out_file), layout)
     got = np.load(out_file)[INDICES]
     np.testing.assert_allclose(got, expected, rtol=0, atol=2e-4)
+
+
+# Micro-batches of the gradient test: a row of many short prompts, long prompts alone, odd lengths, padding.
+GRAD_MICRO_BATCHES = [[1, 2, 3, 5, 6, 7], [0, 9], [4, 10, 11]]
+GRAD_ROWS, GRAD_SEQ = 3, 384
+_HF_NORMS = ("input_layernorm", "post_attention_layernorm")
+_MEGATRON_NORMS = ("input_layernorm", "pre_mlp_layernorm")
+
+
+def _segment_weights(num_prompts: int) -> torch.Tensor:
+    """Fixed, distinct weights of each (prompt, role) log-prob in the test objective."""
+    return torch.linspace(-1.0, 1.5, num_prompts * 3, dtype=torch.float64).reshape(num_prompts, 3)
+
+
+def _engine_logps_and_grads(rank, world_size, tp, pp, layout, hf_dir, cache_path, out_dir):
+    """Forward and backward of sum(w * log p(y|x)) through megatron's schedule; saves each rank's log-probs
+    (last stage) and the gradients of the norms and attention output projections it holds (HF names)."""
+    from functools import partial
+
+    from megatron.core import parallel_state
+
+    from wrpo_nemo.converters.hf_import import load_hf_weights
+    from wrpo_nemo.data.packing import pack_micro_batch
+    from wrpo_nemo.models import model_config_from_hf
+    from wrpo_nemo.training.engine import build_model, run_schedule
+    from wrpo_nemo.training.parallel import destroy_parallel, initialize_parallel
+    from wrpo_nemo.training.step import make_forward_step, response_logps
+
+    device = initialize_parallel(tp, pp, seed=0)
+    try:
+        cfg = model_config_from_hf(hf_dir)
+        model = build_model(cfg)
+        load_hf_weights(model, hf_dir, Path(out_dir) / f"imported-tp{tp}-pp{pp}-{layout}")
+        dataset = TokenizedDataset(cache_path)
+        batches = [
+            pack_micro_batch(dataset, m, "wrpo", GRAD_SEQ, GRAD_ROWS, pad_id=0, layout=layout)
+            for m in GRAD_MICRO_BATCHES
+        ]
+
+        def loss_func(batch, logits):
+            logps, _ = response_logps(logits, batch, cfg.vocab_size)
+            weights = _segment_weights(batch.num_prompts).to(logps.dtype)
+            loss = (logps * weights).sum()
+            return loss, torch.tensor(1, dtype=torch.int), {"logps": logps.detach()}
+
+        forward_step = make_forward_step(lambda b: partial(loss_func, b), device)
+        outputs = run_schedule(model, forward_step, batches, forward_only=False)
+        result = {}
+        if parallel_state.is_pipeline_last_stage():
+            result["logps"] = torch.cat([o["logps"] for o in outputs]).double()
+            result["final_norm"] = model.decoder.final_layernorm.weight.grad.double()
+        for layer in model.decoder.layers:
+            i = layer.layer_number - 1
+            for hf, mg in zip(_HF_NORMS, _MEGATRON_NORMS, strict=True):
+                result[f"layers.{i}.{hf}"] = getattr(layer, mg).weight.grad.double()
+            # Row-parallel: this rank holds the input columns [rank * cols, (rank + 1) * cols).
+            result[f"layers.{i}.o_proj"] = layer.self_attention.linear_proj.weight.grad.double()
+        result["tp_rank"] = parallel_state.get_tensor_model_parallel_rank()
+        torch.save(result, Path(out_dir) / f"grads-tp{tp}-pp{pp}-{layout}-rank{rank}.pt")
+    finally:
+        destroy_parallel()
+
+
+def _hf_logps_and_grads(hf_dir, dataset):
+    from transformers import LlamaForCausalLM
+
+    model = LlamaForCausalLM.from_pretrained(hf_dir, attn_implementation="eager").double()
+    logps = []
+    total = 0.0
+    for micro in GRAD_MICRO_BATCHES:
+        weights = _segment_weights(len(micro))
+        for row, index in enumerate(micro):
+            prompt = np.asarray(dataset.ids("prompt", int(index)), dtype=np.int64)
+            values = []
+            for col, role in enumerate(ROLE_NAMES):
+                response = np.asarray(dataset.ids(role, int(index)), dtype=np.int64)
+                ids = torch.from_numpy(np.concatenate([prompt, response]))[None]
+                logp = torch.log_softmax(model(ids).logits[0], dim=-1)
+                value = logp[len(prompt) - 1 : -1].gather(1, ids[0, len(prompt) :, None]).sum()
+                values.append(value)
+                total = total + weights[row, col] * value
+            logps.append(torch.stack(values).detach())
+    total.backward()
+    grads = {"final_norm": model.model.norm.weight.grad}
+    for i, layer in enumerate(model.model.layers):
+        for name in _HF_NORMS:
+            grads[f"layers.{i}.{name}"] = getattr(layer, name).weight.grad
+        grads[f"layers.{i}.o_proj"] = layer.self_attn.o_proj.weight.grad
+    return torch.stack(logps), grads
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("tp", "pp", "layout"),
+    [(1, 1, "shared_prompt"), (1, 1, "separate"), (2, 1, "shared_prompt"), (1, 2, "shared_prompt")],
+)
+def test_packed_logps_and_gradients_equal_hf_unpacked(hf_and_data, tp, pp, layout):
+    root, cache_path, _ = hf_and_data
+    dataset = TokenizedDataset(cache_path)
+    expected_logps, expected_grads = _hf_logps_and_grads(str(root / "hf"), dataset)
+    world = tp * pp
+    run_distributed(_engine_logps_and_grads, world, tp, pp, layout, str(root / "hf"), cache_path, str(root))
+    results = [torch.load(root / f"grads-tp{tp}-pp{pp}-{layout}-rank{r}.pt") for r in range(world)]
+    seen = set()
+    for result in results:
+        if "logps" in result:
+            torch.testing.assert_close(result["logps"], expected_logps, rtol=1e-5, atol=1e-4)
+            seen.add("logps")
+        for name, grad in result.items():
+            if name in ("logps", "tp_rank"):
+                continue
+            want = expected_grads[name]
+            if name.endswith("o_proj") and tp > 1:
+                cols = want.shape[1] // tp
+                want = want[:, result["tp_rank"] * cols : (result["tp_rank"] + 1) * cols]
+            scale = float(want.abs().max())
+            torch.testing.assert_close(grad, want, rtol=1e-5, atol=1e-5 * scale, msg=name)
+            seen.add(name)
+    assert seen == {"logps", *expected_grads}

@@ -48,7 +48,7 @@ class ParallelSection:
     pipeline: int = 1
     """Pipeline-parallel size (megatron's 1F1B schedule)."""
     context: int = 1
-    """Context-parallel size (GPU with TransformerEngine only)."""
+    """Context-parallel size. Only 1: packed THD rows are not split across context-parallel ranks yet."""
 
 
 @dataclass
@@ -65,6 +65,10 @@ class DataSection:
     """Tokenizer folder; defaults to ``model.hf_path``. Ignored with ``toy``."""
     source: DataConfig = field(default_factory=DataConfig)
     """Files, layout, lengths and cache (``data.source.tokenize.seq_length`` is the packed row length)."""
+    layout: str = "shared_prompt"
+    """WRPO row layout: ``shared_prompt`` (each prompt once, its three responses after it, each attending to the
+    prompt and itself) or ``separate`` (``prompt + response`` three times). Same log-probs; shared computes each
+    prompt once. SFT always packs one ``prompt + y_ws`` per sequence."""
     split: SplitConfig = field(default_factory=SplitConfig)
     """SFT / WRPO / evaluation shares by prompt-id hash."""
 

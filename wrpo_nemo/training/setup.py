@@ -13,6 +13,7 @@ import torch.distributed as dist
 
 from wrpo_nemo import compat
 from wrpo_nemo.data.cache import TokenizedDataset, build_or_load
+from wrpo_nemo.data.layout import LAYOUTS
 from wrpo_nemo.models.config import ModelConfig
 from wrpo_nemo.training.config import ConfigError, RunConfig
 
@@ -65,8 +66,13 @@ def validate_layout(cfg: RunConfig, model_cfg: ModelConfig, world_size: int) -> 
         model_cfg.check_parallel_layout(p.tensor, p.pipeline)
     except ValueError as exc:
         raise ConfigError(f"{exc} (parallel.tensor={p.tensor}, parallel.pipeline={p.pipeline})") from None
-    if p.context > 1 and not compat.cuda_available():
-        raise ConfigError("parallel.context > 1 needs GPUs with TransformerEngine attention")
+    if p.context > 1:
+        raise ConfigError(
+            f"parallel.context={p.context}: context parallelism is not supported (packed THD rows are not split "
+            "across context-parallel ranks); set parallel.context=1 and use parallel.tensor/pipeline instead"
+        )
+    if cfg.data.layout not in LAYOUTS:
+        raise ConfigError(f"data.layout={cfg.data.layout!r} is not one of {', '.join(LAYOUTS)}")
     if cfg.model.fp8 and not compat.cuda_available():
         raise ConfigError("model.fp8 is set but there is no GPU: set model.fp8=null")
     dp = world_size // model_parallel

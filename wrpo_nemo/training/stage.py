@@ -114,6 +114,7 @@ def _loader(
         rows_per_micro_batch=section.rows_per_micro_batch,
         reference_logps=reference,
         plan_epochs=section.epochs,
+        layout=cfg.data.layout,
     )
 
 
@@ -158,6 +159,7 @@ def _reference_for(cfg, inputs, model, identity, dp, device) -> tuple[np.ndarray
         pad_id=inputs.tokenizer.pad_token_id,
         device=device,
         vocab_size=inputs.model_cfg.vocab_size,
+        layout=cfg.data.layout,
     )
 
 

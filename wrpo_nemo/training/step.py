@@ -21,6 +21,7 @@ from typing import Literal
 
 import torch
 
+from wrpo_nemo import compat
 from wrpo_nemo.data.layout import NUM_ROLES, PackedBatch
 from wrpo_nemo.logprobs import per_prompt_by_role, segment_sums, token_logprobs
 from wrpo_nemo.losses import Preference, wrpo_loss
@@ -137,6 +138,8 @@ def make_forward_step(loss_builder: Callable[[PackedBatch], Callable], device: t
         packed = next(data_iterator)
         params = params_from_spans(packed.attn_spans, packed.position_ids, device)
         batch = packed.to(device)
-        return packed_forward(model, batch.tokens, params), loss_builder(batch)
+        with compat.outside_redirect():  # the model's forward needs none of compat's CUDA redirection
+            output = packed_forward(model, batch.tokens, params)
+        return output, loss_builder(batch)
 
     return forward_step
