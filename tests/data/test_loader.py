@@ -99,8 +99,9 @@ def test_a_new_data_parallel_size_continues_the_same_global_batches(dataset):
     assert all(np.array_equal(x, y) for x, y in zip(two, four, strict=True))
 
 
-def test_every_micro_batch_of_the_planned_epoch_has_the_planned_shape(dataset):
-    loader = _loader(dataset, micro_batch_size=4, dp_size=1)
+@pytest.mark.parametrize("layout", ["shared_prompt", "separate"])
+def test_every_micro_batch_of_the_planned_epoch_has_the_planned_shape(dataset, layout):
+    loader = _loader(dataset, micro_batch_size=8, dp_size=1, layout=layout)
     assert loader.rows_per_micro_batch >= 2
     real = total = 0
     for _ in range(loader.steps_per_epoch):

@@ -94,6 +94,12 @@ def test_tiny_recipe_runs_both_stages_and_leaves_every_output(tmp_path):
         run_dir, "stages=[wrpo]", f"model.checkpoint={sft_ckpt}", "wrpo.max_steps=1", "export.hf=false"
     )
     assert "reference log-probs: loaded" in again.stdout
+    # A bf16 reference pass is stored under its own key: computed, not the fp32 values loaded.
+    bf16 = recipe(
+        run_dir, "stages=[wrpo]", f"model.checkpoint={sft_ckpt}", "wrpo.max_steps=1", "export.hf=false",
+        "wrpo.reference_precision=bf16", "logging.eval_interval=0",
+    )  # fmt: skip
+    assert "reference log-probs: computed (bf16)" in bf16.stdout
 
 
 @pytest.mark.slow
@@ -157,11 +163,12 @@ def test_config_errors_exit_2_with_the_key_and_build_nothing(tmp_path):
 
 
 @pytest.mark.slow
-def test_online_reference_gives_the_same_training_as_the_precomputed_one(tmp_path):
+def test_online_reference_gives_the_same_training_as_the_precomputed_one_in_either_layout(tmp_path):
+    """Online (shared_prompt layout) against precomputed (separate layout): same losses, rewards and norms."""
     common = ("stages=[wrpo]", "wrpo.max_steps=3", "export.hf=false", "logging.eval_interval=0",
               "wrpo.optim.warmup_ratio=0.0")  # fmt: skip
-    recipe(tmp_path / "pre", *common, "wrpo.reference=precompute")
-    out = recipe(tmp_path / "online", *common, "wrpo.reference=online")
+    recipe(tmp_path / "pre", *common, "wrpo.reference=precompute", "data.layout=separate")
+    out = recipe(tmp_path / "online", *common, "wrpo.reference=online", "data.layout=shared_prompt")
     assert "reference log-probs: online" in out.stdout
     pre = metrics(tmp_path / "pre" / "wrpo" / "metrics.jsonl")
     online = metrics(tmp_path / "online" / "wrpo" / "metrics.jsonl")

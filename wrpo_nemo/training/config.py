@@ -102,6 +102,10 @@ class WrpoSection(StageSection):
     reference: Literal["precompute", "online"] = "precompute"
     """``precompute``: one forward pass of the frozen starting model over the split, stored beside the data
     cache and reused; ``online``: a frozen copy computes them every step (as the reference program)."""
+    reference_precision: Literal["model", "bf16"] = "model"
+    """Precision of the reference pass: ``model`` runs it in the policy's (bf16 on GPUs, fp32 on CPUs); ``bf16``
+    runs a frozen bf16 copy of the starting weights whatever the policy's precision (stored log-probs are keyed by
+    the precision they were computed in)."""
 
 
 @dataclass

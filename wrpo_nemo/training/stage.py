@@ -74,14 +74,21 @@ class Preemption:
         return bool(flag.item())
 
 
-def _start_weights(cfg: RunConfig, stage: str, previous: str | None, inputs: RunInputs) -> tuple[Any, str]:
-    """This stage's model, loaded from where it starts; returns ``(model, identity of the start)``."""
+def _start_weights(
+    cfg: RunConfig, stage: str, previous: str | None, inputs: RunInputs, precision: str | None = None
+) -> tuple[Any, str]:
+    """This stage's model, loaded from where it starts; returns ``(model, identity of the start)``.
+
+    ``precision`` overrides ``model.precision`` (a bf16 reference copy)."""
     from wrpo_nemo.converters.checkpoint_io import load_model_checkpoint
     from wrpo_nemo.converters.hf_import import load_hf_weights
 
     torch.manual_seed(cfg.seed)
     model = build_model(
-        inputs.model_cfg, precision=cfg.model.precision, fp8=cfg.model.fp8, recompute=cfg.model.recompute
+        inputs.model_cfg,
+        precision=precision or cfg.model.precision,
+        fp8=cfg.model.fp8,
+        recompute=cfg.model.recompute,
     )
     if previous is not None:
         load_model_checkpoint(model, previous)
@@ -196,11 +203,7 @@ class StageRun:
         self.ddp = wrap_ddp(self.model)
         self.reference, self.ref_mode, self.ref_model = None, None, None
         if stage == "wrpo":
-            self.reference, self.ref_mode = _reference_for(cfg, inputs, self.ddp, identity, dp, device)
-            if cfg.wrpo.reference == "online":
-                reference_model, _ = _start_weights(cfg, stage, previous, inputs)
-                reference_model.requires_grad_(False)
-                self.ref_model = for_forward(reference_model)
+            self._setup_reference(previous, identity)
         self.loader = _loader(cfg, self.section, stage, inputs, inputs.splits[stage], dp, self.reference)
         total = self.loader.steps_per_epoch * self.section.epochs
         self.total = min(total, self.section.max_steps) if self.section.max_steps else total
@@ -260,6 +263,25 @@ class StageRun:
             self.cfg, self.stage, self.inputs, self.ddp, self.dp, self.device, self.reference, self.alpha,
             self.ref_model,
         )  # fmt: skip
+
+    def _setup_reference(self, previous: str | None, identity: str) -> None:
+        """Stored (or computed and stored) reference log-probs, or the frozen model of the online mode; a bf16
+        reference runs on its own bf16 copy of the starting weights."""
+        cfg = self.cfg
+        own_copy = cfg.wrpo.reference_precision == "bf16" and self.model.config.params_dtype != torch.bfloat16
+        frozen = None
+        if cfg.wrpo.reference == "online" or own_copy:
+            precision = "bf16" if cfg.wrpo.reference_precision == "bf16" else None
+            reference_model, _ = _start_weights(cfg, self.stage, previous, self.inputs, precision)
+            reference_model.requires_grad_(False)
+            frozen = for_forward(reference_model)
+        dtype = str(frozen.config.params_dtype if frozen is not None else self.model.config.params_dtype)
+        self.reference, self.ref_mode = _reference_for(
+            cfg, self.inputs, frozen or self.ddp, f"{identity}|{dtype}", self.dp, self.device
+        )
+        self.ref_model = frozen if cfg.wrpo.reference == "online" else None
+        if self.ref_mode and cfg.wrpo.reference_precision == "bf16":
+            self.ref_mode += " (bf16)"
 
     def announce(self) -> None:
         if dist.get_rank() == 0:
