@@ -1,190 +1,732 @@
-"""WRPO step throughput of this engine beside TRL 1.16's DPOTrainer, same weights, same data, same batch.
+"""WRPO step throughput of this engine beside TRL 1.16's DPOTrainer: one process, same weights, same prompts.
 
-Both train a small Llama (random weights, saved once as a Hugging Face folder and loaded by both) on the toy
-task for the same number of optimizer steps of ``--batch`` prompts, with reference log-probs precomputed.
-TRL sees only the (y_wt, y_l) pair of each prompt, the engine all three responses: compare tokens/s for the
-work done and prompts/s for the data consumed. Timing starts after ``--warmup`` steps; one CPU thread each.
+How it runs. One process, one CPU thread, fp32. For every data set a small Llama (``--preset``, random weights,
+the vocabulary of the data set's tokenizer) is saved once as a Hugging Face folder; TRL's ``DPOTrainer`` loads
+it twice (the policy and an explicit ``ref_model``), the engine imports it with ``load_hf_weights`` (megatron's
+groups are set up once: world size 1, gloo). For every (data set, row length) the trainers then advance one
+optimizer step at a time, interleaved (engine ``shared_prompt``, engine ``separate``, TRL, engine
+``shared_prompt``, ...), so a busy moment of the shared machine falls on every side alike instead of on whichever
+ran second. TRL is driven by hand the way ``Trainer.train`` does it: an iterator over ``get_train_dataloader()``,
+``training_step``, gradient clipping at 1.0, ``optimizer.step``, ``lr_scheduler.step``, ``zero_grad``; the engine
+by ``train_step``. A step's time includes fetching and collating (TRL) or packing (engine) its batch. The first
+``--warmup`` steps are not timed; the table gives the median and the min of the rest.
 
-    python benchmarks/wrpo_vs_trl.py [--steps 12] [--batch 16] [--preset toy]
+Same prompts. All sides get the same ``--batch`` prompts at every step, in the engine's own length-stratified
+order (``PromptOrder``), handed to each engine loader and to TRL's sequential sampler; the table says whether
+that held. TRL gets the settings that make it fastest here: activation (gradient) checkpointing off and
+``bf16=False`` (TRL defaults both on; bf16 autocast on a CPU is slow), ``padding_free=True`` (TRL 1.16 turns it
+back off with a warning, "temporarily unavailable after a refactor", and pads every batch to its longest
+sequence; reported), its default fused AdamW, and ``sdpa`` attention.
+
+Reference cost counted on both sides. Both precompute reference log-probs over the prompts used before training
+(TRL: ``precompute_ref_log_probs=True``, its own ``_precompute_ref_logps``, re-run in each of ``--ref-rounds``
+interleaved rounds; the engine: ``compute_reference_logps``). The pass is divided by the number of prompts, and
+that per-prompt cost times ``--batch`` is added to each side's step time: every s/step and rate below includes
+it (the ``ref s/step`` column is that share).
+
+Work done. TRL sees only the pair (y_wt, y_l) = (chosen[1], rejected[0]) of each record, the engine all three
+responses: response-sequences/s counts 3 per prompt for the engine and 2 for TRL; prompts/s counts the data
+consumed. Tokens per prompt: for the engine, the non-padding tokens of its packed rows (``real``) and all row
+tokens (``computed``); for TRL, the attention-mask sum of its padded batch and the batch tensor size. Attention
+FLOPs per prompt (forward, estimate) = 4 x layers x hidden x the sum over attention groups of
+query length x key length / 2: for TRL every padded sequence is a group of the padded length; for the engine's
+``separate`` layout every ``prompt + response`` segment; for ``shared_prompt`` the prompt attends to itself
+(p^2 / 2) and each response to the prompt and itself (r p + r^2 / 2).
+
+Data. ``ultrafeedback-like``: ``benchmarks/data_pipeline.write_records`` (prompts ~150 words, responses ~350,
+long tails, one token per word, Llama 3 chat template), max_length 2048 and max_prompt_length 1800 as the 8B
+config, cached once per row length: the cache's length policy drops a record whose three segments do not fit
+one row (counted as in the separate layout, so rows of 2048 lose about a third of the records), and just enough
+records are written for ``(--warmup + --steps) x --batch`` prompts to remain (the numbers are printed). Rows of
+4096 keep longer prompts than rows of 2048, so the two tables hold different prompts: compare within a table. ``toy``: the arithmetic toy task at max_length 64, rows of 256, ``--toy-batch`` prompts.
+
+Layouts. The engine runs ``shared_prompt`` (each prompt once, its three responses after it) and ``separate``
+(each response with its own copy of the prompt) when ``PackedBatchLoader`` takes ``layout=``; ``layout=`` goes
+to ``compute_reference_logps`` and ``group_lengths`` only where they take it. An engine without the option runs
+once, labelled ``separate``.
+
+    python benchmarks/wrpo_vs_trl.py [--data ultrafeedback,toy] [--rows 2048,4096] [--steps 6] [--warmup 2]
+        [--batch 8] [--toy-batch 16] [--preset toy] [--ref-rounds 2]
+
+Measured 2026-11-29 on the 2-core shared CPU machine (load about 2 from other jobs), defaults, 6 min 35 s wall.
+Ultrafeedback-like, rows 2048 (64 of the 74 prompts the cache kept from 113 records; 37 dropped because their
+three separate segments exceed 2048 tokens, 2 for a response too long): s/step, reference share included, median
+(min): engine shared_prompt 3.37 (3.19), separate 3.85 (3.68), TRL 4.67 (4.22); response-sequences/s 7.13, 6.23
+and 3.42, i.e. 2.08x and 1.82x TRL; prompts/s 1.39x and 1.21x. The engine packs each step into 6 (shared) or 8
+(separate) rows of 2048, 1,536 / 2,048 tokens computed per prompt for 1,159 / 1,462 real; TRL pads its 16
+sequences to 735-1,030 tokens, 1,681 computed for 976 real. Rows of 4096 (111 of 113 records kept, longer
+prompts): 4.32 (4.10), 4.56 (4.27) and 11.82 (8.60) s/step; response-sequences/s 4.11x and 3.89x TRL, prompts/s
+2.74x and 2.59x; both layouts fill 4 rows of 4096 per step, and TRL pads to 1,153-1,986 tokens (3,003 computed
+per prompt for 1,231 real, 4.8 GFLOP of attention per prompt against 1.2-1.4 for the engine). Toy (16 prompts of
+about 50 tokens per step, rows of 256): 0.228, 0.267 and 0.108 s/step, TRL ahead (0.71x and 0.61x in
+response-sequences/s): with so little work per step the engine's fixed per-step costs dominate.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
+import inspect
 import json
+import logging
 import os
-import subprocess
+import statistics
 import sys
 import tempfile
 import time
+import warnings
+from dataclasses import dataclass, field, fields
+from functools import cache, partial
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("TQDM_DISABLE", "1")
+# Import-time notices of megatron-core on a CPU (no Apex / TransformerEngine) and deprecations of the libraries.
+warnings.filterwarnings("ignore", category=FutureWarning)
+warnings.filterwarnings(
+    "ignore", message=".*(Apex|Transformer Engine|cuda_graph_scope|torch.distributed is disabled)"
+)
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from data_pipeline import WORDS, write_records  # noqa: E402
+
+UF, TOY = "ultrafeedback-like", "toy"
+DATA_NAMES = {"ultrafeedback": UF, "ultrafeedback-like": UF, "uf": UF, "toy": TOY}
+TOY_ROWS = 256
+ALPHA = 0.05
+BETA = 0.1
+LR = 5e-6
 
 
-def _prepare(folder: Path, preset: str, examples: int) -> None:
-    import torch
+@dataclass
+class DataSpec:
+    label: str
+    max_length: int
+    max_prompt_length: int
+    rows: list[int]
+    batch: int
+
+
+@dataclass
+class Side:
+    """Timings and the work of the timed steps of one trainer."""
+
+    name: str
+    responses_per_prompt: int
+    step_seconds: list[float] = field(default_factory=list)
+    ref_seconds: list[float] = field(default_factory=list)
+    """Whole reference passes over the prompts used, one per round."""
+    steps: list[dict] = field(default_factory=list)
+    """Per timed step: prompts (dataset positions), real tokens, computed tokens, attention pairs."""
+
+
+def _accepts(fn, name: str) -> bool:
+    return name in inspect.signature(fn).parameters
+
+
+def _layout_kwargs(fn, layout: str) -> dict:
+    return {"layout": layout} if _accepts(fn, "layout") else {}
+
+
+# ---------------------------------------------------------------------------------------------------- data
+
+
+def _tokenizer(label: str):
+    from wrpo_nemo.data.toy import build_toy_tokenizer, build_word_tokenizer
+
+    return build_word_tokenizer(WORDS, "llama3") if label == UF else build_toy_tokenizer()
+
+
+def _write_records(label: str, path: Path, n: int) -> None:
+    from wrpo_nemo.data.toy import build_toy_dataset
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if label == UF:
+        write_records(str(path), n, seed=0)
+    else:
+        build_toy_dataset(str(path.parent), n, seed=0)
+
+
+def _build_cache(records: Path, folder: Path, tokenizer, spec: DataSpec, rows: int):
+    from wrpo_nemo.data.cache import DataConfig, build_or_load
+    from wrpo_nemo.data.tokenize import TokenizeConfig
+
+    tokenize = TokenizeConfig(
+        max_length=spec.max_length, max_prompt_length=spec.max_prompt_length, seq_length=rows
+    )
+    cfg = DataConfig(
+        sources=[str(records)], cache_dir=str(folder / "cache"), num_workers=1, tokenize=tokenize
+    )
+    return build_or_load(cfg, tokenizer)
+
+
+def prepare_data(folder: Path, spec: DataSpec, tokenizer, need: int) -> tuple[Path, int, dict]:
+    """Write just enough records that every row length's cache keeps ``need`` prompts; the caches by rows."""
+    records = folder / "records" / "train.jsonl"
+    n = need + 8
+    while True:
+        _write_records(spec.label, records, n)
+        datasets = {rows: _build_cache(records, folder, tokenizer, spec, rows) for rows in spec.rows}
+        fewest = min(len(d) for d in datasets.values())
+        if fewest >= need:
+            return records, n, datasets
+        n = int(n * need / max(fewest, 1) * 1.15) + 8
+
+
+def save_model(folder: Path, tokenizer, preset: str, max_positions: int) -> Path:
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from wrpo_nemo.data.toy import build_toy_dataset, build_toy_tokenizer
     from wrpo_nemo.models.presets import get_preset
 
-    tokenizer = build_toy_tokenizer(str(folder / "hf"))
     cfg = get_preset(preset)
+    hf_dir = folder / "hf"
     torch.manual_seed(0)
-    LlamaForCausalLM(
-        LlamaConfig(
-            vocab_size=len(tokenizer), hidden_size=cfg.hidden_size, intermediate_size=cfg.ffn_hidden_size,
-            num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_attention_heads,
-            num_key_value_heads=cfg.num_query_groups, max_position_embeddings=512, tie_word_embeddings=False,
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.ffn_hidden_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_attention_heads,
+        num_key_value_heads=cfg.num_query_groups,
+        rms_norm_eps=cfg.norm_eps,
+        rope_theta=cfg.rope_theta,
+        max_position_embeddings=max(cfg.max_position_embeddings, max_positions),
+        tie_word_embeddings=False,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    LlamaForCausalLM(config).save_pretrained(hf_dir)
+    tokenizer.save_pretrained(hf_dir)
+    return hf_dir
+
+
+def _messages(value) -> list[dict]:
+    if isinstance(value, str):
+        return [{"role": "user", "content": value}]
+    return [value] if isinstance(value, dict) else list(value)
+
+
+def trl_rows(records: Path, dataset, order: np.ndarray) -> list[dict]:
+    """TRL's preference rows for the engine's dataset positions ``order``: (y_wt, y_l) = (chosen[1], rejected[0])."""
+    by_id = {}
+    for line in records.read_text(encoding="utf-8").splitlines():
+        record = json.loads(line)
+        by_id[record["prompt_id"]] = record
+    rows = []
+    for position in order:
+        record = by_id[dataset.prompt_ids[int(position)]]
+        rows.append(
+            {
+                "prompt": _messages(record["prompt"]),
+                "chosen": [record["chosen"][1]],
+                "rejected": [record["rejected"][0]],
+            }
         )
-    ).save_pretrained(folder / "hf")  # fmt: skip
-    build_toy_dataset(str(folder / "records"), examples, seed=0)
+    return rows
 
 
-def _run_engine(folder: Path, steps: int, warmup: int, batch: int, seq_length: int) -> dict:
-    import numpy as np
+def step_order(dataset, indices: np.ndarray, batch: int) -> np.ndarray:
+    """The engine's epoch-0 prompt order (length-stratified by the separate layout's row tokens)."""
+    from wrpo_nemo.data.loader import PromptOrder
+    from wrpo_nemo.data.packing import group_lengths
 
-    from wrpo_nemo.converters.hf_import import load_hf_weights
-    from wrpo_nemo.data.cache import DataConfig, build_or_load
-    from wrpo_nemo.data.loader import PackedBatchLoader
-    from wrpo_nemo.data.tokenize import TokenizeConfig
-    from wrpo_nemo.models import model_config_from_hf
-    from wrpo_nemo.training.engine import OptimSettings, build_model, build_optimizer, train_step, wrap_ddp
-    from wrpo_nemo.training.parallel import destroy_parallel, initialize_parallel
-    from wrpo_nemo.training.reference import compute_reference_logps
-    from wrpo_nemo.training.step import WrpoLossSettings, make_forward_step, wrpo_loss_func
+    lengths = group_lengths(dataset, "wrpo", **_layout_kwargs(group_lengths, "separate"))
+    return PromptOrder(indices, batch, batch, 1, 0, lengths).epoch_order(0)
 
-    device = initialize_parallel(1, 1, seed=0)
-    from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(folder / "hf")
-    data_cfg = DataConfig(
-        sources=[str(folder / "records" / "train.jsonl")], cache_dir=str(folder / "cache"), num_workers=1,
-        tokenize=TokenizeConfig(max_length=64, max_prompt_length=40, seq_length=seq_length),
-    )  # fmt: skip
-    dataset = build_or_load(data_cfg, tokenizer)
-    cfg = model_config_from_hf(folder / "hf")
-    model = build_model(cfg)
-    load_hf_weights(model, folder / "hf", folder / "imported")
-    indices = np.arange(len(dataset))
-    reference = compute_reference_logps(
-        model, dataset, indices, micro_batch_size=batch, seq_length=seq_length, pad_id=tokenizer.pad_token_id,
-        device=device, vocab_size=cfg.vocab_size,
-    )  # fmt: skip
-    loader = PackedBatchLoader(
-        dataset, indices, stage="wrpo", seq_length=seq_length, global_batch_size=batch, micro_batch_size=batch,
-        dp_rank=0, dp_size=1, seed=0, pad_id=tokenizer.pad_token_id, reference_logps=reference,
-    )  # fmt: skip
-    ddp = wrap_ddp(model)
-    optimizer, scheduler = build_optimizer(ddp, OptimSettings(lr=5e-6), total_steps=steps + warmup)
-    settings = WrpoLossSettings(beta=0.1)
-    tokens = elapsed = 0.0
-    for step in range(steps + warmup):
-        batches = loader.next_global_batch()
-        forward_step = make_forward_step(
-            lambda b: lambda out, b=b: wrpo_loss_func(b, 0.05, settings, cfg.vocab_size, out), device
+def indices_for_order(order: np.ndarray, seed: int = 0) -> np.ndarray:
+    """Indices whose unstratified epoch-0 shuffle (``stratify_window=1``) is ``order``, so every loader yields it."""
+    perm = np.random.default_rng([seed, 0]).permutation(len(order))
+    indices = np.empty_like(order)
+    indices[perm] = order
+    return indices
+
+
+def attention_pairs(dataset, prompts: np.ndarray, layout: str) -> float:
+    """Sum over the attention groups of these prompts of query length x key length / 2 (causal)."""
+    p = dataset.lengths("prompt")[prompts].astype(np.float64)
+    rs = [
+        dataset.lengths(name)[prompts].astype(np.float64)
+        for name in ("source_chosen", "target_chosen", "rejected")
+    ]
+    if layout == "shared_prompt":
+        return float(np.sum(p * p / 2 + sum(r * p + r * r / 2 for r in rs)))
+    return float(np.sum(sum((p + r) ** 2 / 2 for r in rs)))
+
+
+# ---------------------------------------------------------------------------------------------------- engine
+
+
+class EngineRunner:
+    """One engine variant (a layout) on its own copy of the weights."""
+
+    def __init__(self, ctx: dict, layout: str, passes_layout: bool) -> None:
+        from wrpo_nemo.converters.hf_import import load_hf_weights
+        from wrpo_nemo.training.engine import build_model
+        from wrpo_nemo.training.step import WrpoLossSettings, make_forward_step, wrpo_loss_func
+
+        self.ctx, self.layout, self.passes_layout = ctx, layout, passes_layout
+        self.side = Side(f"engine {layout}", 3)
+        self.cfg = ctx["model_cfg"]
+        self.model = build_model(self.cfg)
+        load_hf_weights(self.model, ctx["hf_dir"], ctx["folder"] / "imported")
+        settings = WrpoLossSettings(beta=BETA)
+        vocab = self.cfg.vocab_size
+        self.forward_step = make_forward_step(
+            lambda b: partial(wrpo_loss_func, b, ALPHA, settings, vocab), ctx["device"]
         )
+        self.reference = None
+
+    def _kwargs(self, fn) -> dict:
+        return _layout_kwargs(fn, self.layout) if self.passes_layout else {}
+
+    def reference_pass(self) -> None:
+        from wrpo_nemo.training.reference import compute_reference_logps
+
+        ctx = self.ctx
         start = time.perf_counter()
-        train_step(ddp, optimizer, scheduler, forward_step, batches)
-        if step >= warmup:
-            elapsed += time.perf_counter() - start
-            tokens += sum(int((b.segment_ids >= 0).sum()) for b in batches)
-    destroy_parallel()
-    return {"seconds": elapsed, "tokens": tokens, "prompts": steps * batch}
+        self.reference = compute_reference_logps(
+            self.model,
+            ctx["dataset"],
+            ctx["indices"],
+            micro_batch_size=ctx["batch"],
+            seq_length=ctx["rows"],
+            pad_id=ctx["pad_id"],
+            device=ctx["device"],
+            vocab_size=self.cfg.vocab_size,
+            **self._kwargs(compute_reference_logps),
+        )
+        self.side.ref_seconds.append(time.perf_counter() - start)
+
+    def start(self, total_steps: int) -> None:
+        from wrpo_nemo.data.loader import PackedBatchLoader
+        from wrpo_nemo.training.engine import OptimSettings, build_optimizer, wrap_ddp
+
+        ctx = self.ctx
+        self.loader = PackedBatchLoader(
+            ctx["dataset"],
+            indices_for_order(ctx["order"]),
+            stage="wrpo",
+            seq_length=ctx["rows"],
+            global_batch_size=ctx["batch"],
+            micro_batch_size=ctx["batch"],
+            dp_rank=0,
+            dp_size=1,
+            seed=0,
+            pad_id=ctx["pad_id"],
+            reference_logps=self.reference,
+            stratify_window=1,
+            **self._kwargs(PackedBatchLoader),
+        )
+        self.ddp = wrap_ddp(self.model)
+        self.optimizer, self.scheduler = build_optimizer(self.ddp, OptimSettings(lr=LR), total_steps)
+
+    def step(self, timed: bool) -> None:
+        from wrpo_nemo.training.engine import train_step
+
+        start = time.perf_counter()
+        batches = self.loader.next_global_batch()
+        train_step(self.ddp, self.optimizer, self.scheduler, self.forward_step, batches)
+        seconds = time.perf_counter() - start
+        if timed:
+            prompts = np.concatenate([b.prompt_index.numpy() for b in batches])
+            self.side.step_seconds.append(seconds)
+            self.side.steps.append(
+                {
+                    "prompts": prompts,
+                    "real": sum(int((b.segment_ids >= 0).sum()) for b in batches),
+                    "computed": sum(b.tokens.numel() for b in batches),
+                    "pairs": attention_pairs(self.ctx["dataset"], prompts, self.layout),
+                    "rows": int(batches[0].tokens.shape[0]),
+                }
+            )
 
 
-def _run_trl(folder: Path, steps: int, warmup: int, batch: int) -> dict:
-    from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
-    from trl import DPOConfig, DPOTrainer
+# ---------------------------------------------------------------------------------------------------- TRL
 
-    tokenizer = AutoTokenizer.from_pretrained(folder / "hf")
-    rows = [json.loads(line) for line in (folder / "records" / "train.jsonl").read_text().splitlines()]
-    data = Dataset.from_list(
-        [{"prompt": [r["prompt"]], "chosen": [r["chosen"][1]], "rejected": [r["rejected"][0]]} for r in rows]
+
+@cache
+def _timed_trainer_class():
+    from trl import DPOTrainer
+
+    class TimedDPOTrainer(DPOTrainer):
+        """DPOTrainer whose reference precompute is timed and can be run again."""
+
+        def _precompute_ref_logps(self, dataset, name, batch_size):
+            self.bench_ref_args = (dataset, name, batch_size)
+            self.bench_ref_batches = 0
+            start = time.perf_counter()
+            out = super()._precompute_ref_logps(dataset, name, batch_size)
+            self.bench_ref_seconds = [*getattr(self, "bench_ref_seconds", []), time.perf_counter() - start]
+            return out
+
+        def compute_ref_log_probs(self, model, inputs):
+            self.bench_ref_batches += 1
+            return super().compute_ref_log_probs(model, inputs)
+
+    return TimedDPOTrainer
+
+
+class _Capture(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+class TrlRunner:
+    """TRL's DPOTrainer on the (y_wt, y_l) pairs of the same prompts, driven one step at a time."""
+
+    def __init__(self, ctx: dict) -> None:
+        from datasets import Dataset
+        from transformers import AutoModelForCausalLM
+        from trl import DPOConfig
+
+        self.ctx = ctx
+        self.side = Side("TRL DPOTrainer", 2)
+        order = ctx["order"]
+        data = Dataset.from_list(trl_rows(ctx["records"], ctx["dataset"], order))
+        load = partial(
+            AutoModelForCausalLM.from_pretrained,
+            ctx["hf_dir"],
+            attn_implementation="sdpa",
+            dtype=torch.float32,
+        )
+        # TRL turns activation checkpointing and bf16 on by default: off, for fp32 without recomputation as the engine.
+        names = {f.name for f in fields(DPOConfig)}
+        checkpointing = (
+            "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
+        )
+        args = DPOConfig(
+            output_dir=str(ctx["folder"] / f"trl-{ctx['rows']}"),
+            per_device_train_batch_size=ctx["batch"],
+            precompute_ref_log_probs=True,
+            precompute_ref_batch_size=ctx["batch"],
+            max_length=ctx["spec"].max_length,
+            beta=BETA,
+            learning_rate=LR,
+            max_grad_norm=1.0,
+            use_cpu=True,
+            bf16=False,
+            **{checkpointing: False},
+            padding_free=True,
+            train_sampling_strategy="sequential",
+            dataloader_num_workers=0,
+            disable_dropout=True,
+            report_to=[],
+            logging_steps=10_000,
+            save_strategy="no",
+            seed=0,
+        )
+        capture = _Capture()
+        logger = logging.getLogger("trl")
+        logger.addHandler(capture)
+        try:
+            self.trainer = _timed_trainer_class()(
+                model=load(),
+                ref_model=load(),
+                args=args,
+                train_dataset=data,
+                processing_class=ctx["tokenizer"],
+            )
+        finally:
+            logger.removeHandler(capture)
+        self.warnings = capture.messages
+        a = self.trainer.args
+        self.settings = (
+            f"optimizer {a.optim}, activation checkpointing {getattr(a, checkpointing)}, bf16 {a.bf16}, "
+            f"max_length {a.max_length}, attention {self.trainer.model.config._attn_implementation}"
+        )
+        self.padding_free_requested = args.padding_free
+        self.padding_free_used = bool(self.trainer.padding_free)
+        self.constructor_ref_seconds = self.trainer.bench_ref_seconds[0]
+        self.num_prompts = len(self.trainer.train_dataset)
+        if self.num_prompts != len(order):
+            raise RuntimeError(
+                f"TRL kept {self.num_prompts} of the {len(order)} prompts; the steps would not line up"
+            )
+
+    def reference_pass(self) -> None:
+        """TRL's own precompute again (the constructor ran it once); the result replaces the training set."""
+        t = self.trainer
+        start = time.perf_counter()
+        t.train_dataset = t._precompute_ref_logps(*t.bench_ref_args)
+        seconds = time.perf_counter() - start
+        expected = -(-len(t.train_dataset) // self.ctx["batch"])
+        if t.bench_ref_batches != expected:
+            raise RuntimeError(
+                f"TRL's reference precompute ran {t.bench_ref_batches} batches, expected {expected} (a cache hit?)"
+            )
+        self.side.ref_seconds.append(seconds)
+
+    def token_lengths(self) -> np.ndarray:
+        """``[N, 3]`` prompt, chosen and rejected token counts of TRL's tokenised rows."""
+        ds = self.trainer.train_dataset
+        return np.array(
+            [
+                [len(p), len(c), len(r)]
+                for p, c, r in zip(ds["prompt_ids"], ds["chosen_ids"], ds["rejected_ids"], strict=True)
+            ]
+        )
+
+    def start(self, total_steps: int) -> None:
+        t = self.trainer
+        t.create_optimizer_and_scheduler(num_training_steps=total_steps)
+        t.current_gradient_accumulation_steps = 1
+        self.model = t.model
+        self.model.train()
+        self.batches = iter(t.get_train_dataloader())
+        self.position = 0
+
+    def step(self, timed: bool) -> None:
+        t, model = self.trainer, self.model
+        start = time.perf_counter()
+        inputs = next(self.batches)
+        t.training_step(model, inputs)
+        t.accelerator.clip_grad_norm_(model.parameters(), t.args.max_grad_norm)
+        t.optimizer.step()
+        t.lr_scheduler.step()
+        model.zero_grad()
+        seconds = time.perf_counter() - start
+        batch = self.ctx["batch"]
+        prompts = self.ctx["order"][self.position : self.position + batch]
+        self.position += batch
+        if timed:
+            sequences, padded = inputs["input_ids"].shape
+            self.side.step_seconds.append(seconds)
+            self.side.steps.append(
+                {
+                    "prompts": prompts,
+                    "real": int(inputs["attention_mask"].sum()),
+                    "computed": int(inputs["input_ids"].numel()),
+                    "pairs": sequences * padded * padded / 2,
+                    "padded_length": padded,
+                }
+            )
+
+
+# ---------------------------------------------------------------------------------------------------- run
+
+
+def run_case(ctx: dict, layouts: list[str], passes_layout: bool, args: argparse.Namespace) -> dict:
+    """Build every side for one (data set, rows), time the reference passes and the steps, interleaved."""
+    engines = [EngineRunner(ctx, layout, passes_layout) for layout in layouts]
+    trl = TrlRunner(ctx)
+    runners = [*engines, trl]
+    for _ in range(args.ref_rounds):
+        for runner in runners:
+            runner.reference_pass()
+    total = args.warmup + args.steps
+    for runner in runners:
+        runner.start(total)
+    for step in range(total):
+        for runner in runners:
+            runner.step(timed=step >= args.warmup)
+    trl_lengths = trl.token_lengths()
+    ds, order = ctx["dataset"], ctx["order"]
+    engine_lengths = np.stack(
+        [ds.lengths("prompt")[order], ds.lengths("target_chosen")[order], ds.lengths("rejected")[order]],
+        axis=1,
     )
-    model = AutoModelForCausalLM.from_pretrained(folder / "hf", attn_implementation="sdpa")
-    ref = AutoModelForCausalLM.from_pretrained(folder / "hf", attn_implementation="sdpa")
+    result = {
+        "sides": [r.side for r in runners],
+        "trl_warnings": trl.warnings,
+        "padding_free": (trl.padding_free_requested, trl.padding_free_used),
+        "trl_constructor_ref_seconds": trl.constructor_ref_seconds,
+        "length_mismatches": int(np.sum(np.any(trl_lengths != engine_lengths, axis=1))),
+        "trl_prompts": trl.num_prompts,
+        "trl_settings": trl.settings,
+        "rows_per_step": {e.side.name: e.side.steps[0]["rows"] for e in engines},
+    }
+    del engines, trl, runners
+    gc.collect()
+    return result
 
-    class Timer(TrainerCallback):
-        def __init__(self) -> None:
-            self.elapsed, self.tokens, self.step = 0.0, 0, 0
 
-        def on_step_begin(self, args, state, control, **kwargs):
-            self.start = time.perf_counter()
+def summarise(side: Side, num_prompts: int, batch: int, flops_per_pair: float) -> dict:
+    ref = [s / num_prompts * batch for s in side.ref_seconds]
+    prompts = sum(len(s["prompts"]) for s in side.steps)
+    median = statistics.median(side.step_seconds) + statistics.median(ref)
+    fastest = min(side.step_seconds) + min(ref)
+    return {
+        "median": median,
+        "min": fastest,
+        "ref": statistics.median(ref),
+        "sequences": side.responses_per_prompt * batch / median,
+        "prompts": batch / median,
+        "real": sum(s["real"] for s in side.steps) / prompts,
+        "computed": sum(s["computed"] for s in side.steps) / prompts,
+        "mflop": flops_per_pair * sum(s["pairs"] for s in side.steps) / prompts / 1e6,
+    }
 
-        def on_step_end(self, args, state, control, **kwargs):
-            self.step += 1
-            if self.step > warmup:
-                self.elapsed += time.perf_counter() - self.start
 
-    timer = Timer()
-    args = DPOConfig(
-        output_dir=str(folder / "trl"), per_device_train_batch_size=batch, max_steps=steps + warmup, beta=0.1,
-        learning_rate=5e-6, report_to=[], use_cpu=True, logging_steps=1000, save_strategy="no",
-        precompute_ref_log_probs=True, dataloader_num_workers=0, disable_dropout=True,
-    )  # fmt: skip
-    trainer = DPOTrainer(
-        model=model, ref_model=ref, args=args, train_dataset=data, processing_class=tokenizer
+def report(label: str, rows: int, info: dict, result: dict, args: argparse.Namespace, batch: int) -> dict:
+    sides = result["sides"]
+    trl = sides[-1]
+    cfg = info["model_cfg"]
+    flops_per_pair = 4 * cfg.num_layers * cfg.hidden_size
+    stats = {s.name: summarise(s, info["num_prompts"], batch, flops_per_pair) for s in sides}
+    same = all(
+        all(
+            set(a["prompts"].tolist()) == set(b["prompts"].tolist())
+            for a, b in zip(s.steps, trl.steps, strict=True)
+        )
+        for s in sides
     )
-    trainer.add_callback(timer)
-    collator_tokens = []
-    original = trainer.data_collator
-
-    def counting(examples):
-        out = original(examples)
-        collator_tokens.append(int(out["attention_mask"].sum()))
-        return out
-
-    trainer.data_collator = counting
-    trainer.train()
-    tokens = sum(collator_tokens[-steps:])
-    return {"seconds": timer.elapsed, "tokens": tokens, "prompts": steps * batch}
+    print(f"\n== {label}, rows {rows} ==")
+    print(
+        f"prompts used: {info['num_prompts']} (of {info['records']} records written; the cache kept "
+        f"{info['kept']}, dropped by length {info['dropped']}); {batch} prompts/step, {args.steps} timed steps "
+        f"after {args.warmup} warm-up; same prompts at every step on all sides: {'yes' if same else 'NO'}"
+    )
+    rows_note = ", ".join(f"{k}: {v} x {rows}" for k, v in result["rows_per_step"].items())
+    pad = [s["padded_length"] for s in trl.steps]
+    print(
+        f"engine rows per step: {rows_note}; TRL padded length per timed step: {pad} "
+        f"({2 * batch} sequences each)"
+    )
+    head = (
+        f"{'side':<24}{'s/step med':>11}{'min':>8}{'ref s/step':>11}{'resp-seq/s':>11}{'prompts/s':>10}"
+        f"{'xTRL seq/s':>11}{'xTRL prm/s':>11}{'tok/prompt real':>16}{'computed':>10}{'attn MFLOP/prompt':>18}"
+    )
+    print(head)
+    base = stats[trl.name]
+    for name, st in stats.items():
+        print(
+            f"{name:<24}{st['median']:>11.3f}{st['min']:>8.3f}{st['ref']:>11.3f}{st['sequences']:>11.2f}"
+            f"{st['prompts']:>10.2f}{st['sequences'] / base['sequences']:>10.2f}x"
+            f"{st['prompts'] / base['prompts']:>10.2f}x{st['real']:>16.0f}{st['computed']:>10.0f}{st['mflop']:>18.1f}"
+        )
+    if result["length_mismatches"]:
+        print(f"note: TRL's token counts differ from the engine's for {result['length_mismatches']} prompts")
+    return stats
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--steps", type=int, default=12)
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--preset", default="toy")
-    p.add_argument("--seq-length", type=int, default=256, help="packed row length of the engine")
-    p.add_argument("--child", choices=["engine", "trl"], help=argparse.SUPPRESS)
-    p.add_argument("--folder", help=argparse.SUPPRESS)
-    a = p.parse_args()
-    if a.child:
-        if a.child == "engine":
-            result = _run_engine(Path(a.folder), a.steps, a.warmup, a.batch, a.seq_length)
-        else:
-            result = _run_trl(Path(a.folder), a.steps, a.warmup, a.batch)
-        print("RESULT " + json.dumps(result))
-        return
-    with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(tmp)
-        _prepare(folder, a.preset, examples=max(400, (a.steps + a.warmup) * a.batch))
-        results = {}
-        for name in ("engine", "trl"):
-            cmd = [sys.executable, __file__, "--child", name, "--folder", tmp, "--steps", str(a.steps),
-                   "--warmup", str(a.warmup), "--batch", str(a.batch), "--seq-length", str(a.seq_length)]  # fmt: skip
-            env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_PORT": "29531"}
-            out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
-            line = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
-            if out.returncode or not line:
-                raise SystemExit(f"{name} failed:\n{out.stdout[-2000:]}\n{out.stderr[-4000:]}")
-            results[name] = json.loads(line[-1][len("RESULT ") :])
-    print(
-        f"WRPO step throughput, preset {a.preset}, {a.batch} prompts/step, {a.steps} timed steps, 1 CPU thread"
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    print(f"{'trainer':<28} {'prompts/s':>10} {'tokens/s':>10} {'s/step':>8}")
-    rate = {}
-    for name, label in (("engine", "wrpo-nemo (3 responses)"), ("trl", "TRL DPOTrainer (2 responses)")):
-        r = results[name]
-        rate[name] = (r["prompts"] / r["seconds"], r["tokens"] / r["seconds"])
-        print(f"{label:<28} {rate[name][0]:10.2f} {rate[name][1]:10.0f} {r['seconds'] / a.steps:8.3f}")
+    parser.add_argument("--data", default="ultrafeedback,toy", help="comma-separated: ultrafeedback, toy")
+    parser.add_argument("--rows", default="2048,4096", help="packed row lengths for ultrafeedback-like")
+    parser.add_argument("--steps", type=int, default=6, help="timed steps")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    parser.add_argument("--batch", type=int, default=8, help="prompts per step, ultrafeedback-like")
+    parser.add_argument("--toy-batch", type=int, default=16, help="prompts per step, toy")
+    parser.add_argument("--preset", default="toy", help="model preset (wrpo_nemo.models.presets)")
+    parser.add_argument("--ref-rounds", type=int, default=2, help="interleaved timings of the reference pass")
+    args = parser.parse_args()
+    labels = [DATA_NAMES[d.strip()] for d in args.data.split(",") if d.strip()]
+    rows_uf = [int(r) for r in args.rows.split(",") if r.strip()]
+
+    torch.set_num_threads(1)
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    transformers.logging.disable_progress_bar()
+    transformers.logging.set_verbosity_error()  # e.g. "process group initialized but not ParallelMode.DISTRIBUTED"
+
+    from wrpo_nemo.data.loader import PackedBatchLoader
+    from wrpo_nemo.models import model_config_from_hf
+    from wrpo_nemo.training.parallel import destroy_parallel, initialize_parallel
+
+    passes_layout = _accepts(PackedBatchLoader, "layout")
+    layouts = ["shared_prompt", "separate"] if passes_layout else ["separate"]
+    device = initialize_parallel(1, 1, seed=0)
+    import trl
+
     print(
-        f"ratio wrpo-nemo / TRL: prompts/s {rate['engine'][0] / rate['trl'][0]:.2f}x, "
-        f"tokens/s {rate['engine'][1] / rate['trl'][1]:.2f}x"
+        f"wrpo-nemo engine vs TRL {trl.__version__} DPOTrainer (transformers {transformers.__version__}, "
+        f"torch {torch.__version__}), preset {args.preset}, fp32, {torch.get_num_threads()} CPU thread, one process"
+    )
+    print(f"engine layouts: {', '.join(layouts)}")
+    print(
+        "s/step includes the reference pass: each side's reference log-prob precompute over the prompts used "
+        "was timed, divided by the number of prompts, and (that per-prompt cost x prompts per step) added "
+        "to its step time"
+    )
+    specs = {
+        UF: DataSpec(UF, 2048, 1800, rows_uf, args.batch),
+        TOY: DataSpec(TOY, 64, 40, [TOY_ROWS], args.toy_batch),
+    }
+    all_stats: dict[tuple[str, int], dict] = {}
+    notes: list[str] = []
+    start = time.perf_counter()
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            for label in labels:
+                spec = specs[label]
+                folder = Path(tmp) / label
+                need = (args.warmup + args.steps) * spec.batch
+                tokenizer = _tokenizer(label)
+                records, written, caches = prepare_data(folder, spec, tokenizer, need)
+                hf_dir = save_model(folder, tokenizer, args.preset, max(spec.rows))
+                model_cfg = model_config_from_hf(hf_dir)
+                for rows in spec.rows:
+                    dataset = caches[rows]
+                    indices = np.arange(need)
+                    ctx = {
+                        "spec": spec,
+                        "folder": folder,
+                        "records": records,
+                        "hf_dir": hf_dir,
+                        "model_cfg": model_cfg,
+                        "tokenizer": tokenizer,
+                        "device": device,
+                        "dataset": dataset,
+                        "indices": indices,
+                        "order": step_order(dataset, indices, spec.batch),
+                        "rows": rows,
+                        "batch": spec.batch,
+                        "pad_id": tokenizer.pad_token_id,
+                    }
+                    result = run_case(ctx, layouts, passes_layout, args)
+                    info = {
+                        "model_cfg": model_cfg,
+                        "num_prompts": need,
+                        "records": written,
+                        "kept": len(dataset),
+                        "dropped": dataset.report["dropped_by_length"],
+                    }
+                    all_stats[(label, rows)] = report(label, rows, info, result, args, spec.batch)
+                    asked, used = result["padding_free"]
+                    if asked and not used and not any("padding_free" in n for n in notes):
+                        warned = [m for m in result["trl_warnings"] if "padding_free" in m]
+                        notes.append(
+                            "TRL: padding_free=True was requested; DPOTrainer set it back to False and padded "
+                            f"every batch to its longest sequence (its warning: {warned[0][:110] if warned else '-'}...)"
+                        )
+                    if not any(n.startswith("TRL settings") for n in notes):
+                        notes.append(f"TRL settings: {result['trl_settings']}")
+                    notes.append(
+                        f"TRL, {label} rows {rows}: its constructor's own reference precompute took "
+                        f"{result['trl_constructor_ref_seconds']:.2f} s (not used; the interleaved rounds are)"
+                    )
+    finally:
+        destroy_parallel()
+    print()
+    for note in notes:
+        print(note)
+    print(f"total wall time {time.perf_counter() - start:.0f} s")
+    key = (UF, 2048) if (UF, 2048) in all_stats else next(iter(all_stats))
+    stats = all_stats[key]
+    trl_rate = stats["TRL DPOTrainer"]["sequences"]
+    separate = stats["engine separate"]["sequences"] / trl_rate
+    if "engine shared_prompt" in stats:
+        shared = stats["engine shared_prompt"]["sequences"] / trl_rate
+    else:
+        shared = separate
+        print(
+            "shared_prompt layout not available in this engine yet: the separate ratio is printed in both places"
+        )
+    print(
+        f"{key[0]}, rows {key[1]}: shared_prompt / TRL response-sequences/s = {shared:.2f}x (separate {separate:.2f}x)"
     )
 
 

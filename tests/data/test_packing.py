@@ -86,6 +86,22 @@ def test_every_segment_is_its_prompt_then_its_response_with_labels_on_the_respon
     assert batch.prompt_index.tolist() == indices
 
 
+@pytest.mark.parametrize("layout", ["shared_prompt", "separate"])
+def test_without_padding_keeps_every_sequence_and_drops_only_padding(toy, layout):
+    dataset, pad = toy
+    batch = pack_micro_batch(dataset, [3, 17, 5, 40], "wrpo", SEQ, rows=4, pad_id=pad, layout=layout)
+    compact = batch.without_padding(multiple=16)
+    compact.validate()
+    real = int((batch.segment_ids >= 0).sum())
+    assert compact.tokens.shape == (1, -(-real // 16) * 16) and int((compact.segment_ids >= 0).sum()) == real
+    for name in ("tokens", "labels", "loss_mask", "position_ids", "segment_ids"):
+        before, after = getattr(batch, name).reshape(-1), getattr(compact, name).reshape(-1)
+        for (seg, a), (seg2, b) in zip(
+            sorted(_sequences(batch).items()), sorted(_sequences(compact).items()), strict=True
+        ):
+            assert seg == seg2 and torch.equal(before[a], after[b]), name
+
+
 def test_shared_prompt_layout_holds_each_prompt_once(toy):
     dataset, pad = toy
     indices = [3, 17, 5]

@@ -165,9 +165,11 @@ def test_rotary_table_rotates_like_the_textbook_formula():
     torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
 
 
-def test_forward_step_passes_thd_params_and_no_dense_mask(toy):
-    """The step every backend runs: tokens as one [1, T] sequence, no attention mask, SegmentAttentionParams
-    whose rotary positions are the batch's (a stand-in model records what it is called with)."""
+@pytest.mark.parametrize("drop_padding", [False, True])
+def test_forward_step_passes_thd_params_and_no_dense_mask(toy, drop_padding):
+    """The step every backend runs: tokens as one [1, T] sequence (only the real ones, rounded up to a multiple
+    of 16, when padding is dropped), no attention mask, SegmentAttentionParams whose rotary positions are the
+    batch's (a stand-in model records what it is called with)."""
     from wrpo_nemo.training.step import make_forward_step
 
     dataset, pad = toy
@@ -178,15 +180,21 @@ def test_forward_step_passes_thd_params_and_no_dense_mask(toy):
         calls.append((tokens, position_ids, attention_mask, kwargs))
         return torch.zeros(1, tokens.shape[1], 5)
 
-    step = make_forward_step(lambda b: lambda out: out, torch.device("cpu"))
+    seen = []
+    step = make_forward_step(lambda b: seen.append(b) or (lambda out: out), torch.device("cpu"), drop_padding)
     output, _ = step(iter([batch]), model)
     ((tokens, position_ids, mask, kwargs),) = calls
-    assert tokens.shape == (1, 2 * SEQ) and torch.equal(tokens[0], batch.tokens.reshape(-1))
+    real = batch.tokens.reshape(-1)[(batch.segment_ids >= 0).reshape(-1)]
+    if drop_padding:
+        assert tokens.shape == (1, -(-len(real) // 16) * 16) and torch.equal(tokens[0, : len(real)], real)
+    else:
+        assert tokens.shape == (1, 2 * SEQ) and torch.equal(tokens[0], batch.tokens.reshape(-1))
     assert mask is None and position_ids is None and set(kwargs) == {"packed_seq_params"}
     params = kwargs["packed_seq_params"]
     assert isinstance(params, SegmentAttentionParams) and params.qkv_format == "thd"
-    assert torch.equal(params.positions, batch.position_ids.reshape(-1))
-    assert output.shape == (2, SEQ, 5)
+    assert params.cu_seqlens_q[-1] == tokens.shape[1]
+    assert torch.equal(params.positions, seen[0].position_ids.reshape(-1))
+    assert output.shape == (*seen[0].tokens.shape, 5)
 
 
 def test_a_dense_mask_or_missing_params_is_refused(megatron_single_process):

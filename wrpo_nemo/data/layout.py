@@ -97,6 +97,49 @@ class PackedBatch:
         }
         return replace(self, **moved)
 
+    def without_padding(self, multiple: int = 16) -> PackedBatch:
+        """The same micro-batch as one row ``[1, T]`` of its real tokens: padding spans dropped, the attention
+        spans re-indexed, and one padding span at the end bringing ``T`` to a multiple of ``multiple``.
+
+        For runs whose micro-batches need not share one shape (no pipeline parallelism): the THD model then
+        computes no padding. Every log-prob and loss is unchanged; segment and prompt tensors are shared.
+        """
+        spans = self.attn_spans.tolist()
+        total = self.tokens.numel()
+        keep = torch.cat(
+            [torch.arange(s, e) for s, e, ps, _ in spans if ps >= 0] or [torch.zeros(0, dtype=torch.long)]
+        )
+        new_pos = torch.full((total + 1,), -1, dtype=torch.long)
+        new_pos[keep] = torch.arange(len(keep))
+        real = len(keep)
+        extra = (-real) % multiple
+        new_spans = []
+        for start, end, pre_start, pre_end in spans:
+            if pre_start < 0:
+                continue
+            begin = int(new_pos[start])
+            prefix = (
+                (int(new_pos[pre_start]), int(new_pos[pre_end - 1]) + 1)
+                if pre_end > pre_start
+                else (begin, begin)
+            )
+            new_spans.append((begin, begin + end - start, *prefix))
+        if extra or not new_spans:
+            extra = extra or multiple
+            new_spans.append((real, real + extra, -1, -1))
+        fills = {
+            "tokens": 0,
+            "labels": IGNORE_INDEX,
+            "loss_mask": False,
+            "position_ids": 0,
+            "segment_ids": -1,
+        }
+        compact = {}
+        for name, fill in fills.items():
+            flat = getattr(self, name).reshape(-1)[keep]
+            compact[name] = torch.cat([flat, flat.new_full((extra,), fill)])[None]
+        return replace(self, **compact, attn_spans=torch.tensor(new_spans, dtype=torch.long))
+
     def _validate_spans(self) -> None:
         spans = self.attn_spans
         total = self.tokens.numel()

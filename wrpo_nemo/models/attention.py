@@ -101,6 +101,25 @@ class SegmentAttentionParams(PackedSeqParams):
     positions: torch.Tensor | None = None
     shared_prefix: bool = False
     _rotary_cache: dict = field(default_factory=dict, repr=False)
+    _local_plan: list | None = field(default=None, repr=False)
+
+    def local_plan(self, device: torch.device) -> list[tuple[int, int, int, int, torch.Tensor | None]]:
+        """The spans as the local backend runs them, built once per micro-batch for every layer: runs of
+        padding spans merged, and each shared-prefix span's ``causal_lower_right`` mask."""
+        if self._local_plan is None:
+            plan: list = []
+            for start, end, pre_start, pre_end in self.spans:
+                if pre_start < 0 and plan and plan[-1][2] < 0 and plan[-1][1] == start:
+                    plan[-1] = (plan[-1][0], end, -1, -1, None)
+                    continue
+                mask = None
+                if pre_end > pre_start >= 0:
+                    q_len, kv_len = end - start, pre_end - pre_start + end - start
+                    # causal_lower_right: query i sits at key position (kv_len - q_len + i).
+                    mask = torch.ones(q_len, kv_len, dtype=torch.bool, device=device).tril(kv_len - q_len)
+                plan.append((start, end, pre_start, pre_end, mask))
+            self._local_plan = plan
+        return self._local_plan
 
     @property
     def mask_type(self) -> str:
@@ -188,33 +207,91 @@ def _require_params(packed_seq_params: Any, attention_mask: Any) -> SegmentAtten
     return packed_seq_params
 
 
+class _PrefixCausalAttention(torch.autograd.Function):
+    """Queries over (prefix keys, all visible) + (own keys, causal), exactly, with two flash-attention calls
+    (CPU kernels) merged by their log-sum-exps; the backward calls each block's flash backward with the merged
+    output and log-sum-exp, which is the exact gradient of the joint softmax (as in ring attention).
+
+    One masked call over ``prefix + own`` keys would compute the masked upper triangle as well: more work than
+    the ``separate`` layout's plain causal attention, which would cancel the saving of sharing the prompt.
+    Inputs ``[1, heads, len, dim]`` with as many key heads as query heads.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k_pre, v_pre, k_own, v_own, scale):
+        flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+        out_pre, lse_pre = flash(q, k_pre, v_pre, 0.0, False, scale=scale)
+        out_own, lse_own = flash(q, k_own, v_own, 0.0, True, scale=scale)
+        lse = torch.logaddexp(lse_pre, lse_own)
+        out = out_pre * (lse_pre - lse).exp()[..., None] + out_own * (lse_own - lse).exp()[..., None]
+        out = out.to(q.dtype)
+        ctx.save_for_backward(q, k_pre, v_pre, k_own, v_own, out, lse)
+        ctx.scale = scale
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k_pre, v_pre, k_own, v_own, out, lse = ctx.saved_tensors
+        flash_bwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+        grad_out = grad_out.contiguous()
+        dq_pre, dk_pre, dv_pre = flash_bwd(grad_out, q, k_pre, v_pre, out, lse, 0.0, False, scale=ctx.scale)
+        dq_own, dk_own, dv_own = flash_bwd(grad_out, q, k_own, v_own, out, lse, 0.0, True, scale=ctx.scale)
+        return dq_pre + dq_own, dk_pre, dv_pre, dk_own, dv_own, None
+
+
+def _prefix_causal_attention(q, k_pre, v_pre, k_own, v_own, mask, scale):
+    """Attention of ``q`` over a fully visible prefix and causally over its own keys (``[1, H, L, D]``)."""
+    if q.device.type == "cpu":
+        rep = q.shape[1] // k_pre.shape[1]
+        if rep > 1:
+            k_pre, v_pre, k_own, v_own = (
+                t.repeat_interleave(rep, dim=1) for t in (k_pre, v_pre, k_own, v_own)
+            )
+        return _PrefixCausalAttention.apply(
+            q.contiguous(),
+            k_pre.contiguous(),
+            v_pre.contiguous(),
+            k_own.contiguous(),
+            v_own.contiguous(),
+            scale,
+        )
+    k, v = torch.cat([k_pre, k_own], dim=2), torch.cat([v_pre, v_own], dim=2)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+
+
 def segment_attention(
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
-    spans: list[tuple[int, int, int, int]],
+    spans: list[tuple[int, int, int, int]] | SegmentAttentionParams,
     scale: float,
 ) -> torch.Tensor:
     """Attention of each span over its prefix and causally over itself; ``[T, heads, dim]`` in and out.
 
     ``key``/``value`` may have fewer heads (grouped-query attention). Padding spans give zeros.
     """
+    if not isinstance(spans, SegmentAttentionParams):
+        spans = SegmentAttentionParams(spans=[tuple(s) for s in spans])
+    plan = spans.local_plan(query.device)
+    # Split (not slice) the tiling spans: the backward of a split is one concatenation of the pieces'
+    # gradients, where slicing would build a zero-filled full-size gradient for every span.
+    lengths = [end - start for start, end, *_ in plan]
+    queries, keys, values = query.split(lengths), key.split(lengths), value.split(lengths)
+    piece = {(start, end): i for i, (start, end, *_) in enumerate(plan)}
     outputs = []
-    for start, end, pre_start, pre_end in spans:
+    for i, (start, end, pre_start, pre_end, mask) in enumerate(plan):
         if pre_start < 0:
             outputs.append(query.new_zeros(end - start, query.shape[1], value.shape[-1]))
             continue
-        q = query[start:end].transpose(0, 1)[None]
-        if pre_end > pre_start:
-            k = torch.cat([key[pre_start:pre_end], key[start:end]]).transpose(0, 1)[None]
-            v = torch.cat([value[pre_start:pre_end], value[start:end]]).transpose(0, 1)[None]
-            q_len, kv_len = end - start, k.shape[2]
-            # causal_lower_right: query i sits at key position (kv_len - q_len + i).
-            mask = torch.ones(q_len, kv_len, dtype=torch.bool, device=q.device).tril(kv_len - q_len)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+        q = queries[i].transpose(0, 1)[None]
+        if mask is not None:
+            j = piece.get((pre_start, pre_end))
+            pre_k = keys[j] if j is not None else key[pre_start:pre_end]
+            pre_v = values[j] if j is not None else value[pre_start:pre_end]
+            heads_first = [t.transpose(0, 1)[None] for t in (pre_k, pre_v, keys[i], values[i])]
+            out = _prefix_causal_attention(q, *heads_first, mask, scale)
         else:
-            k = key[start:end].transpose(0, 1)[None]
-            v = value[start:end].transpose(0, 1)[None]
+            k, v = keys[i].transpose(0, 1)[None], values[i].transpose(0, 1)[None]
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
         outputs.append(out[0].transpose(0, 1))
     return torch.cat(outputs)
@@ -274,7 +351,7 @@ def core_attention_class():
         ) -> torch.Tensor:
             params = _require_params(packed_seq_params, attention_mask)
             query, key = params.rotate(query, key, self.rotary)
-            out = segment_attention(query, key, value, params.spans, self.scale)
+            out = segment_attention(query, key, value, params, self.scale)
             return out.reshape(out.shape[0], -1)
 
     return SegmentCoreAttention

@@ -126,16 +126,26 @@ def reference_loss_func(batch: PackedBatch, vocab_size: int, logits: torch.Tenso
     )
 
 
-def make_forward_step(loss_builder: Callable[[PackedBatch], Callable], device: torch.device) -> Callable:
+def make_forward_step(
+    loss_builder: Callable[[PackedBatch], Callable], device: torch.device, drop_padding: bool | None = None
+) -> Callable:
     """A megatron ``forward_step_func`` over an iterator of ``PackedBatch`` micro-batches.
 
     ``loss_builder(batch)`` returns the ``loss_func(output)`` for that micro-batch (only called on the last
     pipeline stage's output, by megatron). The model sees the micro-batch as one THD sequence with its
     attention spans and rotary positions (:mod:`wrpo_nemo.models.attention`), never a dense mask.
+    ``drop_padding`` (default: when there is no pipeline parallelism, whose stages exchange one fixed shape)
+    computes only the real tokens (:meth:`PackedBatch.without_padding`).
     """
+    if drop_padding is None:
+        from megatron.core import parallel_state
+
+        drop_padding = parallel_state.get_pipeline_model_parallel_world_size() == 1
 
     def forward_step(data_iterator: Iterator[PackedBatch], model):
         packed = next(data_iterator)
+        if drop_padding:
+            packed = packed.without_padding()
         params = params_from_spans(packed.attn_spans, packed.position_ids, device)
         batch = packed.to(device)
         with compat.outside_redirect():  # the model's forward needs none of compat's CUDA redirection
