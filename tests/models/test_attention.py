@@ -48,15 +48,28 @@ def _dense_reference(q, k, v, allowed, scale):
     return torch.einsum("hqk,khd->qhd", probs, v)
 
 
+@pytest.mark.parametrize("dense_chunk", [0, 48, 256])
 @pytest.mark.parametrize("layout", ["shared_prompt", "separate"])
-def test_segment_attention_equals_float64_dense_attention_with_gradients(toy, layout):
+def test_segment_attention_equals_float64_dense_attention_with_gradients(
+    toy, layout, dense_chunk, monkeypatch
+):
+    """Every way the local backend runs a span (alone, causal or over a shared prompt with two merged flash
+    calls; or with its neighbours in one masked call) against float64 softmax attention under the layout's
+    dense mask, outputs and gradients."""
+    from wrpo_nemo.models import attention
+
+    monkeypatch.setattr(attention, "DENSE_CHUNK", dense_chunk)
     dataset, pad = toy
     batch = pack_micro_batch(dataset, [0, 5, 9, 11], "wrpo", SEQ, rows=5, pad_id=pad, layout=layout)
     total, heads, groups, dim = batch.tokens.numel(), 4, 2, 8
     gen = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(total, h, dim, generator=gen, requires_grad=True) for h in (heads, groups, groups))
     params = params_from_spans(batch.attn_spans, batch.position_ids)
-    out = segment_attention(q, k, v, params.spans, scale=dim**-0.5)
+    kinds = {entry[2] for entry in params.local_plan(q.device)}
+    assert ("dense" in kinds) == (dense_chunk > 0) and ("prefix" in kinds) == (
+        layout == "shared_prompt" and dense_chunk < 256
+    )
+    out = segment_attention(q, k, v, params, scale=dim**-0.5)
     real = (batch.segment_ids >= 0).reshape(-1)
     allowed = dense_attention_mask(batch)
     expected = _dense_reference(q, k, v, allowed, dim**-0.5)

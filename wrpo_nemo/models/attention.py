@@ -35,6 +35,8 @@ from megatron.core.packed_seq_params import PackedSeqParams
 
 from wrpo_nemo.models.config import RopeScaling
 
+DENSE_CHUNK = 256
+"""Consecutive spans up to this many tokens in all are attended by the local backend in one masked call."""
 PADDING_MASK = "padding_causal"
 SHARED_PREFIX_MASK = "padding_causal_bottom_right"
 
@@ -87,6 +89,15 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return x * cos + rotated * sin
 
 
+def _single_entry(start: int, end: int, pre_start: int, pre_end: int, device: torch.device) -> tuple:
+    if pre_end <= pre_start:
+        return (start, end, "causal", start, start, None)
+    q_len, kv_len = end - start, pre_end - pre_start + end - start
+    # causal_lower_right: query i sits at key position (kv_len - q_len + i).
+    mask = torch.ones(q_len, kv_len, dtype=torch.bool, device=device).tril(kv_len - q_len)
+    return (start, end, "prefix", pre_start, pre_end, mask)
+
+
 @dataclass
 class SegmentAttentionParams(PackedSeqParams):
     """megatron's ``PackedSeqParams`` (THD, read by TransformerEngine) plus what our attention needs.
@@ -103,23 +114,53 @@ class SegmentAttentionParams(PackedSeqParams):
     _rotary_cache: dict = field(default_factory=dict, repr=False)
     _local_plan: list | None = field(default=None, repr=False)
 
-    def local_plan(self, device: torch.device) -> list[tuple[int, int, int, int, torch.Tensor | None]]:
-        """The spans as the local backend runs them, built once per micro-batch for every layer: runs of
-        padding spans merged, and each shared-prefix span's ``causal_lower_right`` mask."""
-        if self._local_plan is None:
-            plan: list = []
-            for start, end, pre_start, pre_end in self.spans:
-                if pre_start < 0 and plan and plan[-1][2] < 0 and plan[-1][1] == start:
-                    plan[-1] = (plan[-1][0], end, -1, -1, None)
-                    continue
-                mask = None
-                if pre_end > pre_start >= 0:
-                    q_len, kv_len = end - start, pre_end - pre_start + end - start
-                    # causal_lower_right: query i sits at key position (kv_len - q_len + i).
-                    mask = torch.ones(q_len, kv_len, dtype=torch.bool, device=device).tril(kv_len - q_len)
-                plan.append((start, end, pre_start, pre_end, mask))
-            self._local_plan = plan
-        return self._local_plan
+    def local_plan(self, device: torch.device) -> list[tuple]:
+        """How the local backend runs the spans, built once per micro-batch for every layer.
+
+        Entries ``(start, end, kind, prefix_start, prefix_end, mask)`` tile the tokens: ``pad`` (runs of padding
+        merged; zeros), ``causal`` (a span without prefix), ``prefix`` (a span over a shared prompt; ``mask`` is
+        its ``causal_lower_right`` mask for backends without the two-call path) and ``dense``: consecutive short
+        spans, up to :data:`DENSE_CHUNK` tokens, attended in one call under their joint mask (``mask``), where
+        one kernel call per tiny span would cost more in dispatch than the masked-out scores do.
+        """
+        if self._local_plan is not None:
+            return self._local_plan
+        plan: list = []
+        chunk: list[tuple[int, int, int, int]] = []
+
+        def flush() -> None:
+            if len(chunk) == 1:
+                start, end, pre_start, pre_end = chunk[0]
+                plan.append(_single_entry(start, end, pre_start, pre_end, device))
+            elif chunk:
+                begin, finish = chunk[0][0], chunk[-1][1]
+                allowed = torch.zeros(finish - begin, finish - begin, dtype=torch.bool)
+                for start, end, pre_start, pre_end in chunk:
+                    a, b = start - begin, end - begin
+                    allowed[a:b, a:b] = torch.ones(b - a, b - a, dtype=torch.bool).tril()
+                    allowed[a:b, pre_start - begin : pre_end - begin] = True
+                plan.append((begin, finish, "dense", -1, -1, allowed.to(device)))
+            chunk.clear()
+
+        for start, end, pre_start, pre_end in self.spans:
+            if pre_start < 0:
+                flush()
+                if plan and plan[-1][2] == "pad" and plan[-1][1] == start:
+                    plan[-1] = (plan[-1][0], end, "pad", -1, -1, None)
+                else:
+                    plan.append((start, end, "pad", -1, -1, None))
+                continue
+            size = end - (chunk[0][0] if chunk else start)
+            inside = pre_end <= pre_start or (chunk and pre_start >= chunk[0][0])
+            if not (size <= DENSE_CHUNK and inside):
+                flush()
+            if end - start <= DENSE_CHUNK // 2 and (pre_end <= pre_start or chunk):
+                chunk.append((start, end, pre_start, pre_end))
+            else:
+                plan.append(_single_entry(start, end, pre_start, pre_end, device))
+        flush()
+        self._local_plan = plan
+        return plan
 
     @property
     def mask_type(self) -> str:
@@ -279,19 +320,21 @@ def segment_attention(
     queries, keys, values = query.split(lengths), key.split(lengths), value.split(lengths)
     piece = {(start, end): i for i, (start, end, *_) in enumerate(plan)}
     outputs = []
-    for i, (start, end, pre_start, pre_end, mask) in enumerate(plan):
-        if pre_start < 0:
+    for i, (start, end, kind, pre_start, pre_end, mask) in enumerate(plan):
+        if kind == "pad":
             outputs.append(query.new_zeros(end - start, query.shape[1], value.shape[-1]))
             continue
-        q = queries[i].transpose(0, 1)[None]
-        if mask is not None:
+        q, k, v = (t[i].transpose(0, 1)[None] for t in (queries, keys, values))
+        if kind == "prefix":
             j = piece.get((pre_start, pre_end))
             pre_k = keys[j] if j is not None else key[pre_start:pre_end]
             pre_v = values[j] if j is not None else value[pre_start:pre_end]
-            heads_first = [t.transpose(0, 1)[None] for t in (pre_k, pre_v, keys[i], values[i])]
-            out = _prefix_causal_attention(q, *heads_first, mask, scale)
+            out = _prefix_causal_attention(
+                q, pre_k.transpose(0, 1)[None], pre_v.transpose(0, 1)[None], k, v, mask, scale
+            )
+        elif kind == "dense":
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
         else:
-            k, v = keys[i].transpose(0, 1)[None], values[i].transpose(0, 1)[None]
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
         outputs.append(out[0].transpose(0, 1))
     return torch.cat(outputs)
