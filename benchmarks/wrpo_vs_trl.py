@@ -41,9 +41,9 @@ records are written for ``(--warmup + --steps) x --batch`` prompts to remain (th
 4096 keep longer prompts than rows of 2048, so the two tables hold different prompts: compare within a table. ``toy``: the arithmetic toy task at max_length 64, rows of 256, ``--toy-batch`` prompts.
 
 Layouts. The engine runs ``shared_prompt`` (each prompt once, its three responses after it) and ``separate``
-(each response with its own copy of the prompt) when ``PackedBatchLoader`` takes ``layout=``; ``layout=`` goes
-to ``compute_reference_logps`` and ``group_lengths`` only where they take it. An engine without the option runs
-once, labelled ``separate``.
+(each response with its own copy of the prompt). Without pipeline parallelism the engine computes only the real
+tokens of its packed rows (``PackedBatch.without_padding``), so ``computed`` is their count rounded up to a
+multiple of 16 per micro-batch.
 
     python benchmarks/wrpo_vs_trl.py [--data ultrafeedback,toy] [--rows 2048,4096] [--steps 6] [--warmup 2]
         [--batch 8] [--toy-batch 16] [--preset toy] [--ref-rounds 2]
@@ -66,7 +66,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import inspect
 import json
 import logging
 import os
@@ -121,14 +120,6 @@ class Side:
     """Whole reference passes over the prompts used, one per round."""
     steps: list[dict] = field(default_factory=list)
     """Per timed step: prompts (dataset positions), real tokens, computed tokens, attention pairs."""
-
-
-def _accepts(fn, name: str) -> bool:
-    return name in inspect.signature(fn).parameters
-
-
-def _layout_kwargs(fn, layout: str) -> dict:
-    return {"layout": layout} if _accepts(fn, "layout") else {}
 
 
 # ---------------------------------------------------------------------------------------------------- data
@@ -234,7 +225,7 @@ def step_order(dataset, indices: np.ndarray, batch: int) -> np.ndarray:
     from wrpo_nemo.data.loader import PromptOrder
     from wrpo_nemo.data.packing import group_lengths
 
-    lengths = group_lengths(dataset, "wrpo", **_layout_kwargs(group_lengths, "separate"))
+    lengths = group_lengths(dataset, "wrpo", "separate")
     return PromptOrder(indices, batch, batch, 1, 0, lengths).epoch_order(0)
 
 
@@ -264,12 +255,12 @@ def attention_pairs(dataset, prompts: np.ndarray, layout: str) -> float:
 class EngineRunner:
     """One engine variant (a layout) on its own copy of the weights."""
 
-    def __init__(self, ctx: dict, layout: str, passes_layout: bool) -> None:
+    def __init__(self, ctx: dict, layout: str) -> None:
         from wrpo_nemo.converters.hf_import import load_hf_weights
         from wrpo_nemo.training.engine import build_model
         from wrpo_nemo.training.step import WrpoLossSettings, make_forward_step, wrpo_loss_func
 
-        self.ctx, self.layout, self.passes_layout = ctx, layout, passes_layout
+        self.ctx, self.layout = ctx, layout
         self.side = Side(f"engine {layout}", 3)
         self.cfg = ctx["model_cfg"]
         self.model = build_model(self.cfg)
@@ -280,9 +271,6 @@ class EngineRunner:
             lambda b: partial(wrpo_loss_func, b, ALPHA, settings, vocab), ctx["device"]
         )
         self.reference = None
-
-    def _kwargs(self, fn) -> dict:
-        return _layout_kwargs(fn, self.layout) if self.passes_layout else {}
 
     def reference_pass(self) -> None:
         from wrpo_nemo.training.reference import compute_reference_logps
@@ -298,7 +286,7 @@ class EngineRunner:
             pad_id=ctx["pad_id"],
             device=ctx["device"],
             vocab_size=self.cfg.vocab_size,
-            **self._kwargs(compute_reference_logps),
+            layout=self.layout,
         )
         self.side.ref_seconds.append(time.perf_counter() - start)
 
@@ -320,7 +308,7 @@ class EngineRunner:
             pad_id=ctx["pad_id"],
             reference_logps=self.reference,
             stratify_window=1,
-            **self._kwargs(PackedBatchLoader),
+            layout=self.layout,
         )
         self.ddp = wrap_ddp(self.model)
         self.optimizer, self.scheduler = build_optimizer(self.ddp, OptimSettings(lr=LR), total_steps)
@@ -339,7 +327,7 @@ class EngineRunner:
                 {
                     "prompts": prompts,
                     "real": sum(int((b.segment_ids >= 0).sum()) for b in batches),
-                    "computed": sum(b.tokens.numel() for b in batches),
+                    "computed": sum(b.without_padding().tokens.numel() for b in batches),
                     "pairs": attention_pairs(self.ctx["dataset"], prompts, self.layout),
                     "rows": int(batches[0].tokens.shape[0]),
                 }
@@ -514,9 +502,9 @@ class TrlRunner:
 # ---------------------------------------------------------------------------------------------------- run
 
 
-def run_case(ctx: dict, layouts: list[str], passes_layout: bool, args: argparse.Namespace) -> dict:
+def run_case(ctx: dict, layouts: list[str], args: argparse.Namespace) -> dict:
     """Build every side for one (data set, rows), time the reference passes and the steps, interleaved."""
-    engines = [EngineRunner(ctx, layout, passes_layout) for layout in layouts]
+    engines = [EngineRunner(ctx, layout) for layout in layouts]
     trl = TrlRunner(ctx)
     runners = [*engines, trl]
     for _ in range(args.ref_rounds):
@@ -632,12 +620,10 @@ def main() -> None:
     transformers.logging.disable_progress_bar()
     transformers.logging.set_verbosity_error()  # e.g. "process group initialized but not ParallelMode.DISTRIBUTED"
 
-    from wrpo_nemo.data.loader import PackedBatchLoader
     from wrpo_nemo.models import model_config_from_hf
     from wrpo_nemo.training.parallel import destroy_parallel, initialize_parallel
 
-    passes_layout = _accepts(PackedBatchLoader, "layout")
-    layouts = ["shared_prompt", "separate"] if passes_layout else ["separate"]
+    layouts = ["shared_prompt", "separate"]
     device = initialize_parallel(1, 1, seed=0)
     import trl
 
@@ -686,7 +672,7 @@ def main() -> None:
                         "batch": spec.batch,
                         "pad_id": tokenizer.pad_token_id,
                     }
-                    result = run_case(ctx, layouts, passes_layout, args)
+                    result = run_case(ctx, layouts, args)
                     info = {
                         "model_cfg": model_cfg,
                         "num_prompts": need,
@@ -718,13 +704,8 @@ def main() -> None:
     stats = all_stats[key]
     trl_rate = stats["TRL DPOTrainer"]["sequences"]
     separate = stats["engine separate"]["sequences"] / trl_rate
-    if "engine shared_prompt" in stats:
-        shared = stats["engine shared_prompt"]["sequences"] / trl_rate
-    else:
-        shared = separate
-        print(
-            "shared_prompt layout not available in this engine yet: the separate ratio is printed in both places"
-        )
+    shared = stats["engine shared_prompt"]["sequences"] / trl_rate
+    print(f"shared_prompt / separate response-sequences/s = {shared / separate:.2f}x")
     print(
         f"{key[0]}, rows {key[1]}: shared_prompt / TRL response-sequences/s = {shared:.2f}x (separate {separate:.2f}x)"
     )
