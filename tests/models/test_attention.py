@@ -48,7 +48,7 @@ def _dense_reference(q, k, v, allowed, scale):
     return torch.einsum("hqk,khd->qhd", probs, v)
 
 
-@pytest.mark.parametrize("dense_chunk", [0, 48, 256])
+@pytest.mark.parametrize("dense_chunk", [0, 48, 100, 256])
 @pytest.mark.parametrize("layout", ["shared_prompt", "separate"])
 def test_segment_attention_equals_float64_dense_attention_with_gradients(
     toy, layout, dense_chunk, monkeypatch
@@ -65,7 +65,9 @@ def test_segment_attention_equals_float64_dense_attention_with_gradients(
     gen = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(total, h, dim, generator=gen, requires_grad=True) for h in (heads, groups, groups))
     params = params_from_spans(batch.attn_spans, batch.position_ids)
-    kinds = {entry[2] for entry in params.local_plan(q.device)}
+    plan = params.local_plan(q.device)
+    assert [e[0] for e in plan] == [0] + [e[1] for e in plan[:-1]] and plan[-1][1] == total  # tiles, in order
+    kinds = {entry[2] for entry in plan}
     assert ("dense" in kinds) == (dense_chunk > 0) and ("prefix" in kinds) == (
         layout == "shared_prompt" and dense_chunk < 256
     )
@@ -220,3 +222,34 @@ def test_a_dense_mask_or_missing_params_is_refused(megatron_single_process):
     params = params_from_spans([(0, 8, 0, 0)], torch.arange(8))
     with pytest.raises(ValueError, match="attention_mask=None"):
         model(tokens, None, torch.zeros(1, 1, 8, 8, dtype=torch.bool), packed_seq_params=params)
+
+
+@pytest.mark.parametrize("dense_chunk", [0, 100, 256])
+def test_every_mix_of_short_and_long_spans_is_attended_in_order(dense_chunk, monkeypatch):
+    """Short spans pooled into masked chunks next to long spans run alone, a shared prompt inside a chunk with
+    a response outside it, padding between: the plan still tiles the tokens in order and equals float64."""
+    from wrpo_nemo.models import attention
+
+    monkeypatch.setattr(attention, "DENSE_CHUNK", dense_chunk)
+    spans = [(0, 20, 0, 0), (20, 100, 20, 20), (100, 130, 100, 100), (130, 140, 100, 130), (140, 230, 100, 130),
+             (230, 294, -1, -1), (294, 300, -1, -1), (300, 310, 300, 300), (310, 320, 300, 310)]  # fmt: skip
+    total = spans[-1][1]
+    allowed = torch.zeros(total, total, dtype=torch.bool)
+    for start, end, pre_start, pre_end in spans:
+        allowed[start:end, start:end] = torch.ones(end - start, end - start, dtype=torch.bool).tril()
+        if pre_start >= 0:
+            allowed[start:end, pre_start:pre_end] = True
+    params = params_from_spans(spans, torch.arange(total))
+    plan = params.local_plan(torch.device("cpu"))
+    assert [e[0] for e in plan] == [0] + [e[1] for e in plan[:-1]] and plan[-1][1] == total
+    gen = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(total, h, 8, generator=gen, requires_grad=True) for h in (4, 2, 2))
+    out = segment_attention(q, k, v, params, scale=0.35)
+    real = torch.ones(total, dtype=torch.bool)
+    real[230:300] = False
+    expected = _dense_reference(q, k, v, allowed, 0.35)
+    torch.testing.assert_close(out[real].double(), expected[real], rtol=1e-5, atol=1e-6)
+    grads = torch.autograd.grad(out[real].sum(), (q, k, v))
+    want = torch.autograd.grad(expected[real].sum(), (q, k, v))
+    for got, exp in zip(grads, want, strict=True):
+        torch.testing.assert_close(got.double(), exp.double(), rtol=1e-5, atol=1e-6)

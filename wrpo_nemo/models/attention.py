@@ -157,6 +157,7 @@ class SegmentAttentionParams(PackedSeqParams):
             if end - start <= DENSE_CHUNK // 2 and (pre_end <= pre_start or chunk):
                 chunk.append((start, end, pre_start, pre_end))
             else:
+                flush()
                 plan.append(_single_entry(start, end, pre_start, pre_end, device))
         flush()
         self._local_plan = plan
