@@ -48,18 +48,18 @@ multiple of 16 per micro-batch.
     python benchmarks/wrpo_vs_trl.py [--data ultrafeedback,toy] [--rows 2048,4096] [--steps 6] [--warmup 2]
         [--batch 8] [--toy-batch 16] [--preset toy] [--ref-rounds 2]
 
-Measured 2026-11-29 on the 2-core shared CPU machine (load about 2 from other jobs), defaults, 6 min 35 s wall.
-Ultrafeedback-like, rows 2048 (64 of the 74 prompts the cache kept from 113 records; 37 dropped because their
-three separate segments exceed 2048 tokens, 2 for a response too long): s/step, reference share included, median
-(min): engine shared_prompt 3.37 (3.19), separate 3.85 (3.68), TRL 4.67 (4.22); response-sequences/s 7.13, 6.23
-and 3.42, i.e. 2.08x and 1.82x TRL; prompts/s 1.39x and 1.21x. The engine packs each step into 6 (shared) or 8
-(separate) rows of 2048, 1,536 / 2,048 tokens computed per prompt for 1,159 / 1,462 real; TRL pads its 16
-sequences to 735-1,030 tokens, 1,681 computed for 976 real. Rows of 4096 (111 of 113 records kept, longer
-prompts): 4.32 (4.10), 4.56 (4.27) and 11.82 (8.60) s/step; response-sequences/s 4.11x and 3.89x TRL, prompts/s
-2.74x and 2.59x; both layouts fill 4 rows of 4096 per step, and TRL pads to 1,153-1,986 tokens (3,003 computed
-per prompt for 1,231 real, 4.8 GFLOP of attention per prompt against 1.2-1.4 for the engine). Toy (16 prompts of
-about 50 tokens per step, rows of 256): 0.228, 0.267 and 0.108 s/step, TRL ahead (0.71x and 0.61x in
-response-sequences/s): with so little work per step the engine's fixed per-step costs dominate.
+Measured 2026-11-29 on the 2-core shared CPU machine, defaults, 311 s wall. Ultrafeedback-like, rows 2048 (64
+of the 74 prompts the cache kept from 113 records; 37 dropped because their three separate segments exceed 2048
+tokens, 2 for a response too long): s/step, reference share included, median (min): engine shared_prompt 2.18
+(2.08), separate 2.68 (2.55), TRL 4.40 (4.15); response-sequences/s 11.01, 8.94 and 3.63, i.e. 3.03x and 2.46x
+TRL, and shared_prompt 1.23x separate; prompts/s 2.02x and 1.64x TRL. The engine computes 1,161 / 1,463 tokens
+per prompt (its real tokens: padding is dropped without pipeline parallelism); TRL pads its 16 sequences to
+735-1,030 tokens, 1,681 computed for 976 real. Rows of 4096 (111 of 113 records kept, longer prompts): 2.80
+(2.52), 3.45 (3.37) and 10.56 (8.38) s/step; response-sequences/s 5.66x and 4.58x TRL (shared 1.24x separate);
+TRL pads to 1,153-1,986 tokens (3,003 computed per prompt for 1,231 real, 4.8 GFLOP of attention per prompt
+against 1.2-1.4 for the engine). Toy (16 prompts of about 50 tokens per step, rows of 256): 0.150, 0.205 and
+0.097 s/step, 0.97x and 0.71x TRL in response-sequences/s: with so little work per step the engine's fixed
+per-step costs (megatron's schedule, DDP buffers and optimizer) weigh as much as the model.
 """
 
 from __future__ import annotations

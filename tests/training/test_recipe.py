@@ -175,9 +175,10 @@ def test_online_reference_gives_the_same_training_as_the_precomputed_one_in_eith
     for a, b in zip(pre, online, strict=True):
         for key in a.keys() - TIMING - {"stage", "split", "rewards/accuracies"}:
             assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), (a["step"], key)
-        # Packing differs between the two passes (fp32 sums in another order): a prompt whose margin is within
-        # rounding of 0 may count either way.
-        assert abs(b["rewards/accuracies"] - a["rewards/accuracies"]) <= 1 / 8
+        # The layouts sum in another order (fp32): a prompt whose margin is within rounding of 0 may count either
+        # way. At step 1 the policy is the reference and every margin is rounding alone: not compared.
+        if a["step"] > 1:
+            assert abs(b["rewards/accuracies"] - a["rewards/accuracies"]) <= 1 / 8
 
 
 @pytest.mark.slow
