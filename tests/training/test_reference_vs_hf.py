@@ -44,9 +44,8 @@ def _varied_records(path: Path) -> str:
     return str(path)
 
 
-def _engine_logps(
-    rank, world_size, tp, hf_dir, cache_path, out_file, layout="shared_prompt", precision="fp32"
-):
+def _engine_logps(rank, world_size, tp, hf_dir, cache_path, out_dir, runs):
+    """The reference pass at TP=``tp`` for each ``(layout, precision)`` of ``runs``; rank 0 saves each."""
     from wrpo_nemo.converters.hf_import import load_hf_weights
     from wrpo_nemo.models import model_config_from_hf
     from wrpo_nemo.training.engine import build_model, for_forward
@@ -56,15 +55,16 @@ def _engine_logps(
     device = initialize_parallel(tp, 1, seed=0)
     try:
         cfg = model_config_from_hf(hf_dir)
-        model = build_model(cfg, precision=precision)
-        load_hf_weights(model, hf_dir, Path(out_file).parent / f"imported-tp{tp}")
         dataset = TokenizedDataset(cache_path)
-        logps = compute_reference_logps(
-            for_forward(model), dataset, INDICES, micro_batch_size=2, seq_length=256, pad_id=0, device=device,
-            vocab_size=cfg.vocab_size, layout=layout,
-        )  # fmt: skip
-        if rank == 0:
-            np.save(out_file, logps)
+        for layout, precision in runs:
+            model = build_model(cfg, precision=precision)
+            load_hf_weights(model, hf_dir, Path(out_dir) / f"imported-tp{tp}")
+            logps = compute_reference_logps(
+                for_forward(model), dataset, INDICES, micro_batch_size=2, seq_length=256, pad_id=0,
+                device=device, vocab_size=cfg.vocab_size, layout=layout,
+            )  # fmt: skip
+            if rank == 0:
+                np.save(Path(out_dir) / f"engine-tp{tp}-{layout}-{precision}.npy", logps)
     finally:
         destroy_parallel()
 
@@ -106,29 +106,22 @@ def hf_and_data(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("tp", "layout"), [(1, "separate"), (2, "shared_prompt")])
-def test_engine_reference_logps_equal_hf_llama(hf_and_data, tp, layout):
+@pytest.mark.parametrize("tp", [1, 2])
+def test_reference_pass_logps_equal_hf_llama(hf_and_data, tp):
+    """fp32: equal to HF's float64 sums (separate layout at TP=1, shared_prompt at TP=2). bf16
+    (``wrpo.reference_precision=bf16``, TP=1): measured on these 12 prompts (responses of 3 to 70 tokens), at
+    most 0.004 nats per response (0.03%); the tiny random model's logits are flat, a trained model's sharper
+    ones will err more (measure on a GPU)."""
     root, cache_path, expected = hf_and_data
-    out_file = root / f"engine-tp{tp}-{layout}.npy"
-    run_distributed(_engine_logps, tp, tp, str(root / "hf"), cache_path, str(out_file), layout)
-    got = np.load(out_file)[INDICES]
-    np.testing.assert_allclose(got, expected, rtol=0, atol=2e-4)
-
-
-@pytest.mark.slow
-def test_a_bf16_reference_pass_stays_close_to_the_exact_logps(hf_and_data):
-    """wrpo.reference_precision=bf16: the summed log-probs of a bf16 reference pass against HF's in float64.
-    Measured on these 12 prompts (responses of 3 to 70 tokens): at most 0.004 nats per response (0.03%). The
-    tiny random model's logits are flat; a trained model's sharper ones will err more (measure on a GPU)."""
-    root, cache_path, expected = hf_and_data
-    out_file = root / "engine-bf16.npy"
-    run_distributed(_engine_logps, 1, 1, str(root / "hf"), cache_path, str(out_file), "shared_prompt", "bf16")
-    got = np.load(out_file)[INDICES]
-    err = np.abs(got - expected)
-    print(
-        f"bf16 reference: max |error| {err.max():.3f} nats, max relative {np.max(err / np.abs(expected)):.4f}"
-    )
-    assert err.max() < 0.05 and np.max(err / np.abs(expected)) < 0.005
+    runs = [("separate", "fp32"), ("shared_prompt", "bf16")] if tp == 1 else [("shared_prompt", "fp32")]
+    run_distributed(_engine_logps, tp, tp, str(root / "hf"), cache_path, str(root), runs)
+    for layout, precision in runs:
+        got = np.load(root / f"engine-tp{tp}-{layout}-{precision}.npy")[INDICES]
+        if precision == "fp32":
+            np.testing.assert_allclose(got, expected, rtol=0, atol=2e-4)
+        else:
+            err = np.abs(got - expected)
+            assert err.max() < 0.05 and np.max(err / np.abs(expected)) < 0.005, err.max()
 
 
 # Micro-batches of the gradient test: a row of many short prompts, long prompts alone, odd lengths, padding.
@@ -143,7 +136,7 @@ def _segment_weights(num_prompts: int) -> torch.Tensor:
     return torch.linspace(-1.0, 1.5, num_prompts * 3, dtype=torch.float64).reshape(num_prompts, 3)
 
 
-def _engine_logps_and_grads(rank, world_size, tp, pp, layout, hf_dir, cache_path, out_dir):
+def _engine_logps_and_grads(rank, world_size, tp, pp, layouts, hf_dir, cache_path, out_dir):
     """Forward and backward of sum(w * log p(y|x)) through megatron's schedule; saves each rank's log-probs
     (last stage) and the gradients of the norms and attention output projections it holds (HF names)."""
     from functools import partial
@@ -160,13 +153,7 @@ def _engine_logps_and_grads(rank, world_size, tp, pp, layout, hf_dir, cache_path
     device = initialize_parallel(tp, pp, seed=0)
     try:
         cfg = model_config_from_hf(hf_dir)
-        model = build_model(cfg)
-        load_hf_weights(model, hf_dir, Path(out_dir) / f"imported-tp{tp}-pp{pp}-{layout}")
         dataset = TokenizedDataset(cache_path)
-        batches = [
-            pack_micro_batch(dataset, m, "wrpo", GRAD_SEQ, GRAD_ROWS, pad_id=0, layout=layout)
-            for m in GRAD_MICRO_BATCHES
-        ]
 
         def loss_func(batch, logits):
             logps, _ = response_logps(logits, batch, cfg.vocab_size)
@@ -174,20 +161,27 @@ def _engine_logps_and_grads(rank, world_size, tp, pp, layout, hf_dir, cache_path
             loss = (logps * weights).sum()
             return loss, torch.tensor(1, dtype=torch.int), {"logps": logps.detach()}
 
-        forward_step = make_forward_step(lambda b: partial(loss_func, b), device)
-        outputs = run_schedule(model, forward_step, batches, forward_only=False)
-        result = {}
-        if parallel_state.is_pipeline_last_stage():
-            result["logps"] = torch.cat([o["logps"] for o in outputs]).double()
-            result["final_norm"] = model.decoder.final_layernorm.weight.grad.double()
-        for layer in model.decoder.layers:
-            i = layer.layer_number - 1
-            for hf, mg in zip(_HF_NORMS, _MEGATRON_NORMS, strict=True):
-                result[f"layers.{i}.{hf}"] = getattr(layer, mg).weight.grad.double()
-            # Row-parallel: this rank holds the input columns [rank * cols, (rank + 1) * cols).
-            result[f"layers.{i}.o_proj"] = layer.self_attention.linear_proj.weight.grad.double()
-        result["tp_rank"] = parallel_state.get_tensor_model_parallel_rank()
-        torch.save(result, Path(out_dir) / f"grads-tp{tp}-pp{pp}-{layout}-rank{rank}.pt")
+        for layout in layouts:
+            model = build_model(cfg)
+            load_hf_weights(model, hf_dir, Path(out_dir) / f"imported-tp{tp}-pp{pp}")
+            batches = [
+                pack_micro_batch(dataset, m, "wrpo", GRAD_SEQ, GRAD_ROWS, pad_id=0, layout=layout)
+                for m in GRAD_MICRO_BATCHES
+            ]
+            forward_step = make_forward_step(lambda b: partial(loss_func, b), device)
+            outputs = run_schedule(model, forward_step, batches, forward_only=False)
+            result = {}
+            if parallel_state.is_pipeline_last_stage():
+                result["logps"] = torch.cat([o["logps"] for o in outputs]).double()
+                result["final_norm"] = model.decoder.final_layernorm.weight.grad.double()
+            for layer in model.decoder.layers:
+                i = layer.layer_number - 1
+                for hf, mg in zip(_HF_NORMS, _MEGATRON_NORMS, strict=True):
+                    result[f"layers.{i}.{hf}"] = getattr(layer, mg).weight.grad.double()
+                # Row-parallel: this rank holds the input columns [rank * cols, (rank + 1) * cols).
+                result[f"layers.{i}.o_proj"] = layer.self_attention.linear_proj.weight.grad.double()
+            result["tp_rank"] = parallel_state.get_tensor_model_parallel_rank()
+            torch.save(result, Path(out_dir) / f"grads-tp{tp}-pp{pp}-{layout}-rank{rank}.pt")
     finally:
         destroy_parallel()
 
@@ -222,29 +216,31 @@ def _hf_logps_and_grads(hf_dir, dataset):
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    ("tp", "pp", "layout"),
-    [(1, 1, "shared_prompt"), (1, 1, "separate"), (2, 1, "shared_prompt"), (1, 2, "shared_prompt")],
+    ("tp", "pp", "layouts"),
+    [(1, 1, ("shared_prompt", "separate")), (2, 1, ("shared_prompt",)), (1, 2, ("shared_prompt",))],
 )
-def test_packed_logps_and_gradients_equal_hf_unpacked(hf_and_data, tp, pp, layout):
+def test_packed_logps_and_gradients_equal_hf_unpacked(hf_and_data, tp, pp, layouts):
+    """Single process in both layouts (padding dropped), TP=2 and PP=2 (fixed-shape rows with padding)."""
     root, cache_path, _ = hf_and_data
     dataset = TokenizedDataset(cache_path)
     expected_logps, expected_grads = _hf_logps_and_grads(str(root / "hf"), dataset)
     world = tp * pp
-    run_distributed(_engine_logps_and_grads, world, tp, pp, layout, str(root / "hf"), cache_path, str(root))
-    results = [torch.load(root / f"grads-tp{tp}-pp{pp}-{layout}-rank{r}.pt") for r in range(world)]
-    seen = set()
-    for result in results:
-        if "logps" in result:
-            torch.testing.assert_close(result["logps"], expected_logps, rtol=1e-5, atol=1e-4)
-            seen.add("logps")
-        for name, grad in result.items():
-            if name in ("logps", "tp_rank"):
-                continue
-            want = expected_grads[name]
-            if name.endswith("o_proj") and tp > 1:
-                cols = want.shape[1] // tp
-                want = want[:, result["tp_rank"] * cols : (result["tp_rank"] + 1) * cols]
-            scale = float(want.abs().max())
-            torch.testing.assert_close(grad, want, rtol=1e-5, atol=1e-5 * scale, msg=name)
-            seen.add(name)
-    assert seen == {"logps", *expected_grads}
+    run_distributed(_engine_logps_and_grads, world, tp, pp, layouts, str(root / "hf"), cache_path, str(root))
+    for layout in layouts:
+        results = [torch.load(root / f"grads-tp{tp}-pp{pp}-{layout}-rank{r}.pt") for r in range(world)]
+        seen = set()
+        for result in results:
+            if "logps" in result:
+                torch.testing.assert_close(result["logps"], expected_logps, rtol=1e-5, atol=1e-4)
+                seen.add("logps")
+            for name, grad in result.items():
+                if name in ("logps", "tp_rank"):
+                    continue
+                want = expected_grads[name]
+                if name.endswith("o_proj") and tp > 1:
+                    cols = want.shape[1] // tp
+                    want = want[:, result["tp_rank"] * cols : (result["tp_rank"] + 1) * cols]
+                scale = float(want.abs().max())
+                torch.testing.assert_close(grad, want, rtol=1e-5, atol=1e-5 * scale, msg=f"{layout} {name}")
+                seen.add(name)
+        assert seen == {"logps", *expected_grads}, layout

@@ -25,13 +25,13 @@ and shared by every layer. The layer spec and this format are chosen together in
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
-from megatron.core.packed_seq_params import PackedSeqParams
 
 from wrpo_nemo.models.config import RopeScaling
 
@@ -98,21 +98,8 @@ def _single_entry(start: int, end: int, pre_start: int, pre_end: int, device: to
     return (start, end, "prefix", pre_start, pre_end, mask)
 
 
-@dataclass
-class SegmentAttentionParams(PackedSeqParams):
-    """megatron's ``PackedSeqParams`` (THD, read by TransformerEngine) plus what our attention needs.
-
-    ``spans`` are ``(start, end, prefix_start, prefix_end)`` over the flat tokens (see
-    :mod:`wrpo_nemo.data.layout`); ``kv_index`` orders the keys as TransformerEngine reads them (``None`` when
-    every span's keys are its own tokens); ``positions`` are the rotary positions (``[T]``).
-    """
-
-    spans: list[tuple[int, int, int, int]] = field(default_factory=list)
-    kv_index: torch.Tensor | None = None
-    positions: torch.Tensor | None = None
-    shared_prefix: bool = False
-    _rotary_cache: dict = field(default_factory=dict, repr=False)
-    _local_plan: list | None = field(default=None, repr=False)
+class _SegmentAttentionMethods:
+    """What :class:`SegmentAttentionParams` adds to megatron's ``PackedSeqParams`` beyond fields."""
 
     def local_plan(self, device: torch.device) -> list[tuple]:
         """How the local backend runs the spans, built once per micro-batch for every layer.
@@ -198,6 +185,43 @@ class SegmentAttentionParams(PackedSeqParams):
         }
 
 
+if TYPE_CHECKING:  # the real class is made on first use, by _params_class
+    SegmentAttentionParams = _SegmentAttentionMethods
+
+
+@functools.cache
+def _params_class() -> type:
+    # Made on first use: megatron.core takes seconds to import, and importing this module (the model layer,
+    # config validation, converters) must not pay for it.
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    @dataclass
+    class SegmentAttentionParams(_SegmentAttentionMethods, PackedSeqParams):
+        """megatron's ``PackedSeqParams`` (THD, read by TransformerEngine) plus what our attention needs.
+
+        ``spans`` are ``(start, end, prefix_start, prefix_end)`` over the flat tokens (see
+        :mod:`wrpo_nemo.data.layout`); ``kv_index`` orders the keys as TransformerEngine reads them (``None``
+        when every span's keys are its own tokens); ``positions`` are the rotary positions (``[T]``).
+        """
+
+        spans: list[tuple[int, int, int, int]] = field(default_factory=list)
+        kv_index: torch.Tensor | None = None
+        positions: torch.Tensor | None = None
+        shared_prefix: bool = False
+        _rotary_cache: dict = field(default_factory=dict, repr=False)
+        _local_plan: list | None = field(default=None, repr=False)
+
+    SegmentAttentionParams.__module__ = __name__
+    SegmentAttentionParams.__qualname__ = "SegmentAttentionParams"
+    return SegmentAttentionParams
+
+
+def __getattr__(name: str):
+    if name == "SegmentAttentionParams":
+        return _params_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 def params_from_spans(
     spans: torch.Tensor | list, positions: torch.Tensor, device: torch.device | str | None = None
 ) -> SegmentAttentionParams:
@@ -216,7 +240,7 @@ def params_from_spans(
         kv_index.append(torch.arange(start, end))
     cu_q = torch.tensor([0, *q_lens], dtype=torch.int32).cumsum(0, dtype=torch.int32)
     cu_kv = torch.tensor([0, *kv_lens], dtype=torch.int32).cumsum(0, dtype=torch.int32)
-    return SegmentAttentionParams(
+    return _params_class()(
         qkv_format="thd",
         cu_seqlens_q=cu_q.to(device),
         cu_seqlens_kv=cu_kv.to(device),
@@ -239,7 +263,7 @@ def causal_rows_params(
 
 
 def _require_params(packed_seq_params: Any, attention_mask: Any) -> SegmentAttentionParams:
-    if not isinstance(packed_seq_params, SegmentAttentionParams):
+    if not isinstance(packed_seq_params, _params_class()):
         raise TypeError(
             "this model attends per packed segment: call it with packed_seq_params=SegmentAttentionParams "
             "(wrpo_nemo.models.attention), tokens as one [1, T] sequence; a dense attention mask is not used"
@@ -312,8 +336,8 @@ def segment_attention(
 
     ``key``/``value`` may have fewer heads (grouped-query attention). Padding spans give zeros.
     """
-    if not isinstance(spans, SegmentAttentionParams):
-        spans = SegmentAttentionParams(spans=[tuple(s) for s in spans])
+    if not isinstance(spans, _SegmentAttentionMethods):
+        spans = _params_class()(spans=[tuple(s) for s in spans])
     plan = spans.local_plan(query.device)
     # Split (not slice) the tiling spans: the backward of a split is one concatenation of the pieces'
     # gradients, where slicing would build a zero-filled full-size gradient for every span.
