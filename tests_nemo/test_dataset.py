@@ -32,7 +32,8 @@ def _reference(path: str, tmp_path: Any, tokenizer: Any, seq_length: int) -> Any
 
 def _reference_segments(reference: Any, index: int, pad_id: int) -> dict[str, tuple[list[int], list[int]]]:
     """``role -> (inputs, labels)`` of example ``index`` from the data layer's packed batch, in NeMo's layout."""
-    batch = pack_micro_batch(reference, [index], "wrpo", 3 * MAX_LENGTH, 1, pad_id)
+    # NeMo-Aligner repeats the prompt for each response: compare with the data layer's separate layout.
+    batch = pack_micro_batch(reference, [index], "wrpo", 3 * MAX_LENGTH, 1, pad_id, layout="separate")
     out = {}
     for segment, role in enumerate(batch.segment_role.tolist()):
         where = batch.segment_ids[0] == segment
