@@ -7,6 +7,8 @@ so stage boundaries are checkpoints and a resumed run skips finished stages.
 from __future__ import annotations
 
 import json
+import logging
+import os
 from dataclasses import asdict
 from pathlib import Path
 
@@ -40,7 +42,12 @@ def _export(cfg: RunConfig, stage: str, checkpoint: str) -> str | None:
 
 
 def run(cfg: RunConfig) -> dict[str, StageResult]:
-    """Run the configured stages; returns each stage's result (identical on every rank)."""
+    """Run the configured stages; returns each stage's result (identical on every rank).
+
+    megatron-core's INFO records (every parameter of every gradient bucket, optimizer configs) stay off the
+    console; ``WRPO_MEGATRON_LOG_LEVEL=INFO`` shows them.
+    """
+    logging.getLogger("megatron").setLevel(os.environ.get("WRPO_MEGATRON_LOG_LEVEL", "WARNING").upper())
     tokenizer, tokenizer_dir = load_tokenizer(cfg)
     model_cfg = resolve_model_config(cfg, tokenizer)
     dp = validate_layout(cfg, model_cfg, world_size())
