@@ -428,7 +428,7 @@ class TrlRunner:
         self.warnings = capture.messages
         a = self.trainer.args
         self.settings = (
-            f"optimizer {a.optim}, activation checkpointing {getattr(a, checkpointing)}, bf16 {a.bf16}, "
+            f"optimizer {getattr(a.optim, 'value', a.optim)}, activation checkpointing {getattr(a, checkpointing)}, bf16 {a.bf16}, "
             f"max_length {a.max_length}, attention {self.trainer.model.config._attn_implementation}"
         )
         self.padding_free_requested = args.padding_free
