@@ -40,6 +40,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 __all__ = [
+    "check_megatron",
     "configure_model_parallel",
     "cuda_available",
     "default_backend",
@@ -83,6 +84,42 @@ def _patch_cuda_queries_for_cpu() -> None:
     _CPU_PATCHED = True
 
 
+SUPPORTED_MEGATRON = ((0, 16), (0, 17))
+"""megatron-core versions this module's patches and the model layer were written against: [0.16, 0.17)."""
+_PATCHED_PRIVATE = ("_get_cuda_rng_state", "_set_cuda_rng_state")
+"""Private functions of ``megatron.core.tensor_parallel.random`` replaced on a CPU build (item 12)."""
+
+
+def check_megatron(version: str | None = None) -> str:
+    """Refuse a megatron-core outside :data:`SUPPORTED_MEGATRON`, or one that lacks a private symbol patched
+    here, with a message that says what to install; returns the version. ``WRPO_UNSUPPORTED_MEGATRON=1``
+    turns the version check into a warning (for trying a newer megatron-core), never the symbol check."""
+    import warnings
+
+    from megatron.core import package_info
+    from megatron.core.tensor_parallel import random as mcore_random
+
+    version = version or package_info.__version__
+    parts = tuple(int(p) for p in version.split(".")[:2] if p.isdigit())
+    low, high = SUPPORTED_MEGATRON
+    if not low <= parts < high:
+        message = (
+            f"megatron-core {version} is not supported: wrpo-nemo is written and tested against "
+            f"{low[0]}.{low[1]}.x (requirements/cpu.txt pins megatron-core==0.16.1)"
+        )
+        if os.environ.get("WRPO_UNSUPPORTED_MEGATRON") != "1":
+            raise RuntimeError(message + "; set WRPO_UNSUPPORTED_MEGATRON=1 to try it anyway")
+        warnings.warn(message, stacklevel=2)
+    if not cuda_available():
+        missing = [name for name in _PATCHED_PRIVATE if not hasattr(mcore_random, name)]
+        if missing:
+            raise RuntimeError(
+                f"megatron-core {version} has no megatron.core.tensor_parallel.random.{', '.join(missing)}: "
+                "wrpo_nemo.compat's CPU patch for activation recomputation must be updated for it"
+            )
+    return version
+
+
 def _patch_megatron_rng_for_cpu() -> None:
     from megatron.core.tensor_parallel import random as mcore_random
 
@@ -107,6 +144,7 @@ def prepare_runtime(seed: int | None = None) -> torch.device:
     after ``parallel_state`` is initialised when ``seed`` is given). On a CPU: applies the patches listed in
     this module's docstring. Idempotent.
     """
+    check_megatron()
     if cuda_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     else:

@@ -93,3 +93,28 @@ def test_packed_row_matches_separate_sequences(single_process_megatron):
         )
     torch.testing.assert_close(out[:, :9], out_a, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(out[:, 9:], out_b, atol=1e-5, rtol=1e-5)
+
+
+def test_an_unsupported_megatron_core_is_refused_with_what_to_install(monkeypatch):
+    monkeypatch.delenv("WRPO_UNSUPPORTED_MEGATRON", raising=False)
+    assert compat.check_megatron() == "0.16.1"
+    with pytest.raises(
+        RuntimeError, match=r"megatron-core 0\.18\.0 is not supported.*megatron-core==0\.16\.1"
+    ):
+        compat.check_megatron("0.18.0")
+    with pytest.raises(RuntimeError, match=r"megatron-core 0\.13\.1 is not supported"):
+        compat.check_megatron("0.13.1")
+    monkeypatch.setenv("WRPO_UNSUPPORTED_MEGATRON", "1")
+    with pytest.warns(UserWarning, match="0.18.0 is not supported"):
+        compat.check_megatron("0.18.0")
+
+
+def test_a_megatron_core_without_a_patched_private_function_is_refused(monkeypatch):
+    """A rename in megatron-core must not turn compat's CPU patch into a silent no-op."""
+    from megatron.core.tensor_parallel import random as mcore_random
+
+    monkeypatch.delattr(mcore_random, "_set_cuda_rng_state")
+    with pytest.raises(
+        RuntimeError, match=r"no megatron\.core\.tensor_parallel\.random\._set_cuda_rng_state"
+    ):
+        compat.check_megatron()

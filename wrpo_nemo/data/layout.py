@@ -49,8 +49,9 @@ from typing import Literal
 
 import torch
 
-IGNORE_INDEX = -100
-"""Label value for positions that have no target (end of a segment, padding)."""
+from wrpo_nemo.logprobs import IGNORE_INDEX as IGNORE_INDEX  # re-exported: the one definition
+
+# IGNORE_INDEX (from the math layer): the label of positions without a target (end of a segment, padding).
 
 SOURCE_CHOSEN = 0
 """Role of y_ws, the best source-model response."""

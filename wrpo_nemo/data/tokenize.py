@@ -12,9 +12,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from wrpo_nemo.data.layout import ROLE_NAMES
 from wrpo_nemo.data.records import DataError, Example
 
-RESPONSE_FIELDS = ("source_chosen", "target_chosen", "rejected")
+RESPONSE_FIELDS = ROLE_NAMES
+"""The three responses of an example, in role order (the one definition is ``layout.ROLE_NAMES``)."""
 """Response names in role order (``layout.SOURCE_CHOSEN``, ``TARGET_CHOSEN``, ``REJECTED``)."""
 
 

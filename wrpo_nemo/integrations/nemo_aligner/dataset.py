@@ -23,10 +23,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from wrpo_nemo.data.layout import IGNORE_INDEX
 from wrpo_nemo.data.records import DataError, ReadConfig, parse_record
 from wrpo_nemo.data.tokenize import RESPONSE_FIELDS, TokenizeConfig, eot_token_id, tokenize_example
 
-IGNORE_INDEX = -100
 ROLES = RESPONSE_FIELDS
 """Item keys of the three responses, in the order the model stacks them: y_ws, y_wt, y_l."""
 

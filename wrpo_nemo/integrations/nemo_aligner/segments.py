@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-NUM_ROLES = 3
+from wrpo_nemo.data.layout import NUM_ROLES
 
 
 def split_roles(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
