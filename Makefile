@@ -7,7 +7,7 @@ STAMP := $(VENV)/.wrpo-installed
 CONSTRAINTS := requirements/cpu.txt
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: setup test lint format run bench clean-venv
+.PHONY: setup test test-fast lint format run bench clean-venv
 
 setup: $(STAMP)
 
@@ -29,6 +29,10 @@ format: setup
 
 test: lint
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The quick loop while editing: everything but the tests marked slow (multi-process and end-to-end runs).
+test-fast: setup
+	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
 
 run: setup
 	$(BIN)/python recipes/wrpo.py $(ARGS)
