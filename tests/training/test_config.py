@@ -61,6 +61,15 @@ def _strip(data: dict) -> dict:
         ({"stages": ["sft", "ppo"]}, r"stages may hold"),
         ({"model": {"recompute": "some"}}, r"model\.recompute must be one of"),
         ({"checkpoint": {"resume": "yes"}}, r"checkpoint\.resume must be true or false"),
+        (
+            {"data": {"source": {"tokenize": {"max_length": 64, "max_prompt_length": 100}}}},
+            r"data\.source\.tokenize\.max_prompt_length \(100\) must be positive and below "
+            r"data\.source\.tokenize\.max_length \(64\)",
+        ),
+        (
+            {"data": {"source": {"tokenize": {"max_length": 64, "max_prompt_length": 40, "seq_length": 32}}}},
+            r"data\.source\.tokenize\.seq_length \(32\) must be at least",
+        ),
     ],
 )
 def test_schema_errors_name_the_key(data, match):

@@ -40,17 +40,19 @@ class TokenizeConfig:
     eot_token: str | None = None
     """The token that ends an assistant turn; ``None`` takes the tokenizer's ``eos_token``."""
 
-    def validate(self) -> None:
+    def validate(self, prefix: str = "") -> None:
+        """Raise ``ValueError`` naming the offending key, each written as ``prefix + field``."""
+        p = prefix
         if self.length_policy not in ("drop", "truncate"):
-            raise ValueError(f"data.length_policy must be 'drop' or 'truncate', got {self.length_policy!r}")
+            raise ValueError(f"{p}length_policy must be 'drop' or 'truncate', got {self.length_policy!r}")
         if not 0 < self.max_prompt_length < self.max_length:
             raise ValueError(
-                f"data.max_prompt_length ({self.max_prompt_length}) must be positive and below "
-                f"data.max_length ({self.max_length})"
+                f"{p}max_prompt_length ({self.max_prompt_length}) must be positive and below "
+                f"{p}max_length ({self.max_length})"
             )
         if self.seq_length < self.max_length:
             raise ValueError(
-                f"data.seq_length ({self.seq_length}) must be at least data.max_length ({self.max_length})"
+                f"{p}seq_length ({self.seq_length}) must be at least {p}max_length ({self.max_length})"
             )
 
 

@@ -246,4 +246,8 @@ def load_run_config(data: dict[str, Any]) -> RunConfig:
     for stage in cfg.stages:
         if stage not in ("sft", "wrpo"):
             raise ConfigError(f"stages may hold 'sft' and 'wrpo', got {stage!r}")
+    try:  # before anything (the toy data, the cache) is written
+        cfg.data.source.tokenize.validate(prefix="data.source.tokenize.")
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     return cfg
