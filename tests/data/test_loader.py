@@ -195,3 +195,16 @@ def test_length_stratified_epochs_see_each_prompt_once_in_global_batches_of_simi
         return max(totals) - min(totals)
 
     assert spread(32) < spread(1) / 4
+
+
+def test_a_resume_in_the_other_layout_is_refused_naming_the_key(dataset):
+    """Each layout stratifies the order by its own lengths: resuming in the other would change the data order."""
+    shared = _loader(dataset, layout="shared_prompt")
+    shared.next_indices()
+    state = shared.state_dict()
+    with pytest.raises(ValueError, match=r"data layout is 'shared_prompt'.*set data\.layout=shared_prompt"):
+        _loader(dataset, layout="separate").load_state_dict(state)
+    old = {k: v for k, v in _loader(dataset, layout="separate").state_dict().items() if k != "layout"}
+    _loader(dataset, layout="separate").load_state_dict(old)  # checkpoints from before the option: separate
+    with pytest.raises(ValueError, match=r"data\.layout=separate"):
+        _loader(dataset, layout="shared_prompt").load_state_dict(old)

@@ -245,6 +245,7 @@ class PackedBatchLoader:
             "dataset_key": self.dataset.key,
             "global_batch_size": self.order.global_batch_size,
             "stratify_window": self.order.stratify_window,
+            "layout": self.layout,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -258,6 +259,13 @@ class PackedBatchLoader:
         ):
             if state[name] != mine:
                 raise ValueError(f"the checkpoint's data {name} is {state[name]!r}, this run's is {mine!r}")
+        # The order is stratified by each layout's lengths. Checkpoints from before the option were separate.
+        saved = state.get("layout", "separate")
+        if self.stage == "wrpo" and saved != self.layout:
+            raise ValueError(
+                f"the checkpoint's data layout is {saved!r}, this run's is {self.layout!r} (the prompt order "
+                f"differs between layouts): set data.layout={saved} to resume it"
+            )
         if state["consumed_in_epoch"] % self.order.global_batch_size:
             raise ValueError(
                 f"the checkpoint consumed {state['consumed_in_epoch']} prompts of its epoch, not a multiple of "

@@ -23,7 +23,7 @@ from wrpo_nemo import compat
 from wrpo_nemo.alpha import alpha_at
 from wrpo_nemo.data.loader import PackedBatchLoader
 from wrpo_nemo.training import checkpoint as ckpt
-from wrpo_nemo.training.config import RunConfig, StageSection
+from wrpo_nemo.training.config import ConfigError, RunConfig, StageSection
 from wrpo_nemo.training.engine import (
     build_model,
     build_optimizer,
@@ -218,7 +218,10 @@ class StageRun:
         state = ckpt.load_training_checkpoint(path, self.model, self.optimizer)
         self.step = state["step"]
         self.scheduler.load_state_dict(state["scheduler"])
-        self.loader.load_state_dict(state["data"])
+        try:
+            self.loader.load_state_dict(state["data"])
+        except ValueError as exc:  # the data settings changed since the checkpoint: a config error (exit 2)
+            raise ConfigError(f"cannot resume {path}: {exc}") from None
 
     def save(self, finished: bool) -> str:
         state = {
