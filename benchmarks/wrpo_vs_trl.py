@@ -168,24 +168,24 @@ def prepare_data(folder: Path, spec: DataSpec, tokenizer, need: int) -> tuple[Pa
 
 
 def save_model(folder: Path, tokenizer, preset: str, max_positions: int) -> Path:
+    import dataclasses
+
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    from wrpo_nemo.models.llama import hf_config_from_model_config
     from wrpo_nemo.models.presets import get_preset
 
-    cfg = get_preset(preset)
+    preset_cfg = get_preset(preset)
+    cfg = dataclasses.replace(
+        preset_cfg,
+        vocab_size=len(tokenizer),
+        max_position_embeddings=max(preset_cfg.max_position_embeddings, max_positions),
+        tie_word_embeddings=False,
+    )
     hf_dir = folder / "hf"
     torch.manual_seed(0)
     config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=cfg.hidden_size,
-        intermediate_size=cfg.ffn_hidden_size,
-        num_hidden_layers=cfg.num_layers,
-        num_attention_heads=cfg.num_attention_heads,
-        num_key_value_heads=cfg.num_query_groups,
-        rms_norm_eps=cfg.norm_eps,
-        rope_theta=cfg.rope_theta,
-        max_position_embeddings=max(cfg.max_position_embeddings, max_positions),
-        tie_word_embeddings=False,
+        **hf_config_from_model_config(cfg, torch.float32),
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,

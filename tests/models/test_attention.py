@@ -161,7 +161,7 @@ def test_the_thd_inputs_for_transformer_engine_attend_like_the_local_backend(toy
     q, k, v = (torch.randn(total, h, dim, generator=gen) for h in (4, 2, 2))
     k_thd, v_thd = params.gather_kv(k, v)
     via_te = _varlen_reference(q, k_thd, v_thd, params, dim**-0.5)
-    local = segment_attention(q, k, v, params.spans, dim**-0.5)
+    local = segment_attention(q, k, v, params, dim**-0.5)
     real = (batch.segment_ids >= 0).reshape(-1)
     torch.testing.assert_close(via_te[real], local[real].double(), rtol=1e-5, atol=1e-6)
 

@@ -166,7 +166,7 @@ def _write_group(
     """
     seq_length = arrays["tokens"].shape[1]
     flat = row * seq_length
-    prefix = (start, start)  # shared keys every response span attends to (none in the separate layout)
+    prefix = None  # the shared prompt's flat range, which every response span attends to (shared_prompt only)
     head = prompt
     if layout == "shared_prompt" and len(prompt) > 1:
         shared = prompt[:-1]
@@ -189,8 +189,7 @@ def _write_group(
         arrays["loss_mask"][row, start + len(head) - 1 : end - 1] = True
         arrays["position_ids"][row, start:end] = np.arange(offset, offset + end - start)
         arrays["segment_ids"][row, start:end] = first_segment + i
-        shared_prefix = prefix if prefix[0] != prefix[1] else (flat + start, flat + start)
-        spans.append((flat + start, flat + end, *shared_prefix))
+        spans.append((flat + start, flat + end, *(prefix or (flat + start, flat + start))))
         start = end
     return start
 

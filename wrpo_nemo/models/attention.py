@@ -329,16 +329,14 @@ def segment_attention(
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
-    spans: list[tuple[int, int, int, int]] | SegmentAttentionParams,
+    params: SegmentAttentionParams,
     scale: float,
 ) -> torch.Tensor:
     """Attention of each span over its prefix and causally over itself; ``[T, heads, dim]`` in and out.
 
     ``key``/``value`` may have fewer heads (grouped-query attention). Padding spans give zeros.
     """
-    if not isinstance(spans, _SegmentAttentionMethods):
-        spans = _params_class()(spans=[tuple(s) for s in spans])
-    plan = spans.local_plan(query.device)
+    plan = params.local_plan(query.device)
     # Split (not slice) the tiling spans: the backward of a split is one concatenation of the pieces'
     # gradients, where slicing would build a zero-filled full-size gradient for every span.
     lengths = [end - start for start, end, *_ in plan]
@@ -378,7 +376,8 @@ def _check_no_dropout(config) -> None:
         )
 
 
-def core_attention_class():
+@functools.cache
+def local_core_attention() -> type:
     """The local backend's core attention: a megatron module in place of ``DotProductAttention``."""
     from megatron.core.transformer.module import MegatronModule
 
@@ -425,15 +424,7 @@ def core_attention_class():
     return SegmentCoreAttention
 
 
-_CLASSES: dict[str, type] = {}
-
-
-def local_core_attention() -> type:
-    if "local" not in _CLASSES:
-        _CLASSES["local"] = core_attention_class()
-    return _CLASSES["local"]
-
-
+@functools.cache
 def te_segment_attention_class() -> type:
     """TransformerEngine's attention (via megatron's ``TEDotProductAttention``) on THD packed sequences.
 
@@ -442,8 +433,6 @@ def te_segment_attention_class() -> type:
     TransformerEngine's ``DotProductAttention.forward`` with :meth:`SegmentAttentionParams.te_kwargs` (megatron's
     own forward cannot pass ``padding_causal_bottom_right``, which its ``AttnMaskType`` lacks).
     """
-    if "te" in _CLASSES:
-        return _CLASSES["te"]
     import transformer_engine as te
     from megatron.core.extensions.transformer_engine import TEDotProductAttention
 
@@ -471,7 +460,6 @@ def te_segment_attention_class() -> type:
             key, value = params.gather_kv(key, value)
             return te.pytorch.DotProductAttention.forward(self, query, key, value, None, **params.te_kwargs())
 
-    _CLASSES["te"] = TESegmentAttention
     return TESegmentAttention
 
 

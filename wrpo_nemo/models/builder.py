@@ -208,5 +208,4 @@ def build_gpt_model(
             share_embeddings_and_output_weights=cfg.tie_word_embeddings,
             position_embedding_type="none",
         )
-    model.rotary_table = rotary
     return model

@@ -13,7 +13,7 @@ import torch.distributed as dist
 
 from wrpo_nemo import compat
 from wrpo_nemo.data.cache import TokenizedDataset, build_or_load
-from wrpo_nemo.data.layout import LAYOUTS
+from wrpo_nemo.data.layout import check_layout
 from wrpo_nemo.models.config import ModelConfig
 from wrpo_nemo.training.config import ConfigError, RunConfig
 
@@ -71,8 +71,10 @@ def validate_layout(cfg: RunConfig, model_cfg: ModelConfig, world_size: int) -> 
             f"parallel.context={p.context}: context parallelism is not supported (packed THD rows are not split "
             "across context-parallel ranks); set parallel.context=1 and use parallel.tensor/pipeline instead"
         )
-    if cfg.data.layout not in LAYOUTS:
-        raise ConfigError(f"data.layout={cfg.data.layout!r} is not one of {', '.join(LAYOUTS)}")
+    try:
+        check_layout(cfg.data.layout)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     if cfg.model.fp8 and not compat.cuda_available():
         raise ConfigError("model.fp8 is set but there is no GPU: set model.fp8=null")
     dp = world_size // model_parallel

@@ -280,7 +280,12 @@ class StageRun:
             frozen = for_forward(reference_model)
         dtype = str(frozen.config.params_dtype if frozen is not None else self.model.config.params_dtype)
         self.reference, self.ref_mode = _reference_for(
-            cfg, self.inputs, frozen or self.ddp, f"{identity}|{dtype}", self.dp, self.device
+            cfg,
+            self.inputs,
+            frozen if frozen is not None else self.ddp,
+            f"{identity}|{dtype}",
+            self.dp,
+            self.device,
         )
         self.ref_model = frozen if cfg.wrpo.reference == "online" else None
         if self.ref_mode and cfg.wrpo.reference_precision == "bf16":
