@@ -217,10 +217,14 @@ def _hf_logps_and_grads(hf_dir, dataset):
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("tp", "pp", "layouts"),
-    [(1, 1, ("shared_prompt", "separate")), (2, 1, ("shared_prompt",)), (1, 2, ("shared_prompt",))],
+    [
+        (1, 1, ("shared_prompt", "separate")),
+        (2, 1, ("shared_prompt", "separate")),
+        (1, 2, ("shared_prompt", "separate")),
+    ],
 )
 def test_packed_logps_and_gradients_equal_hf_unpacked(hf_and_data, tp, pp, layouts):
-    """Single process in both layouts (padding dropped), TP=2 and PP=2 (fixed-shape rows with padding)."""
+    """Both layouts in one process (padding dropped), at TP=2 and at PP=2 (fixed-shape rows with padding)."""
     root, cache_path, _ = hf_and_data
     dataset = TokenizedDataset(cache_path)
     expected_logps, expected_grads = _hf_logps_and_grads(str(root / "hf"), dataset)
