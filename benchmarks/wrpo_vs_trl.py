@@ -8,7 +8,7 @@ optimizer step at a time, interleaved (engine ``shared_prompt``, engine ``separa
 ``shared_prompt``, ...), so a busy moment of the shared machine falls on every side alike instead of on whichever
 ran second. TRL is driven by hand the way ``Trainer.train`` does it: an iterator over ``get_train_dataloader()``,
 ``training_step``, gradient clipping at 1.0, ``optimizer.step``, ``lr_scheduler.step``, ``zero_grad``; the engine
-by ``train_step``. A step's time includes fetching and collating (TRL) or packing (engine) its batch. The first
+by ``TrainLoop.train_step`` (the loop the recipe runs). A step's time includes fetching and collating (TRL) or packing (engine) its batch. The first
 ``--warmup`` steps are not timed; the table gives the median and the min of the rest.
 
 Same prompts. All sides get the same ``--batch`` prompts at every step, in the engine's own length-stratified
@@ -258,18 +258,12 @@ class EngineRunner:
     def __init__(self, ctx: dict, layout: str) -> None:
         from wrpo_nemo.converters.hf_import import load_hf_weights
         from wrpo_nemo.training.engine import build_model
-        from wrpo_nemo.training.step import WrpoLossSettings, make_forward_step, wrpo_loss_func
 
         self.ctx, self.layout = ctx, layout
         self.side = Side(f"engine {layout}", 3)
         self.cfg = ctx["model_cfg"]
         self.model = build_model(self.cfg)
         load_hf_weights(self.model, ctx["hf_dir"], ctx["folder"] / "imported")
-        settings = WrpoLossSettings(beta=BETA)
-        vocab = self.cfg.vocab_size
-        self.forward_step = make_forward_step(
-            lambda b: partial(wrpo_loss_func, b, ALPHA, settings, vocab), ctx["device"]
-        )
         self.reference = None
 
     def reference_pass(self) -> None:
@@ -291,8 +285,12 @@ class EngineRunner:
         self.side.ref_seconds.append(time.perf_counter() - start)
 
     def start(self, total_steps: int) -> None:
+        from wrpo_nemo.alpha import AlphaSchedule
         from wrpo_nemo.data.loader import PackedBatchLoader
         from wrpo_nemo.training.engine import OptimSettings, build_optimizer, wrap_ddp
+        from wrpo_nemo.training.loop import TrainLoop
+        from wrpo_nemo.training.stages import Reference, WRPOStage
+        from wrpo_nemo.training.step import WrpoLossSettings
 
         ctx = self.ctx
         self.loader = PackedBatchLoader(
@@ -310,16 +308,25 @@ class EngineRunner:
             stratify_window=1,
             layout=self.layout,
         )
-        self.ddp = wrap_ddp(self.model)
-        self.optimizer, self.scheduler = build_optimizer(self.ddp, OptimSettings(lr=LR), total_steps)
+        ddp = wrap_ddp(self.model)
+        optimizer, scheduler = build_optimizer(ddp, OptimSettings(lr=LR), total_steps)
+        stage = WRPOStage(
+            self.cfg.vocab_size,
+            WrpoLossSettings(beta=BETA),
+            AlphaSchedule(kind="constant", alpha_max=ALPHA),
+            Reference("precomputed", self.reference),
+            ctx["device"],
+        )
+        # The recipe's loop.
+        self.loop = TrainLoop(
+            ddp, optimizer, scheduler, self.loader, stage, device=ctx["device"], total_steps=total_steps
+        )
 
     def step(self, timed: bool) -> None:
-        from wrpo_nemo.training.engine import train_step
-
         start = time.perf_counter()
-        batches = self.loader.next_global_batch()
-        train_step(self.ddp, self.optimizer, self.scheduler, self.forward_step, batches)
+        self.loop.train_step()
         seconds = time.perf_counter() - start
+        batches = self.loop.last_batches
         if timed:
             prompts = np.concatenate([b.prompt_index.numpy() for b in batches])
             self.side.step_seconds.append(seconds)
@@ -537,7 +544,9 @@ def run_case(ctx: dict, layouts: list[str], args: argparse.Namespace) -> dict:
     return result
 
 
-def summarise(side: Side, num_prompts: int, batch: int, flops_per_pair: float) -> dict:
+def summarise(
+    side: Side, num_prompts: int, batch: int, flops_per_pair: float, matmul_per_token: float
+) -> dict:
     ref = [s / num_prompts * batch for s in side.ref_seconds]
     prompts = sum(len(s["prompts"]) for s in side.steps)
     median = statistics.median(side.step_seconds) + statistics.median(ref)
@@ -551,6 +560,14 @@ def summarise(side: Side, num_prompts: int, batch: int, flops_per_pair: float) -
         "real": sum(s["real"] for s in side.steps) / prompts,
         "computed": sum(s["computed"] for s in side.steps) / prompts,
         "mflop": flops_per_pair * sum(s["pairs"] for s in side.steps) / prompts / 1e6,
+        # Forward FLOPs of the whole model per prompt: every computed token through the matmuls (projections,
+        # MLP, output layer), plus attention.
+        "gflop": (
+            matmul_per_token * sum(s["computed"] for s in side.steps)
+            + flops_per_pair * sum(s["pairs"] for s in side.steps)
+        )
+        / prompts
+        / 1e9,
     }
 
 
@@ -558,8 +575,13 @@ def report(label: str, rows: int, info: dict, result: dict, args: argparse.Names
     sides = result["sides"]
     trl = sides[-1]
     cfg = info["model_cfg"]
+    from wrpo_nemo.training.outputs import model_flops_per_token
+
     flops_per_pair = 4 * cfg.num_layers * cfg.hidden_size
-    stats = {s.name: summarise(s, info["num_prompts"], batch, flops_per_pair) for s in sides}
+    matmul_per_token = model_flops_per_token(cfg, 0.0) / 3.0  # forward (training counts 3x)
+    stats = {
+        s.name: summarise(s, info["num_prompts"], batch, flops_per_pair, matmul_per_token) for s in sides
+    }
     same = all(
         all(
             set(a["prompts"].tolist()) == set(b["prompts"].tolist())
@@ -582,6 +604,7 @@ def report(label: str, rows: int, info: dict, result: dict, args: argparse.Names
     head = (
         f"{'side':<24}{'s/step med':>11}{'min':>8}{'ref s/step':>11}{'resp-seq/s':>11}{'prompts/s':>10}"
         f"{'xTRL seq/s':>11}{'xTRL prm/s':>11}{'tok/prompt real':>16}{'computed':>10}{'attn MFLOP/prompt':>18}"
+        f"{'fwd GFLOP/prompt':>17}"
     )
     print(head)
     base = stats[trl.name]
@@ -590,6 +613,7 @@ def report(label: str, rows: int, info: dict, result: dict, args: argparse.Names
             f"{name:<24}{st['median']:>11.3f}{st['min']:>8.3f}{st['ref']:>11.3f}{st['sequences']:>11.2f}"
             f"{st['prompts']:>10.2f}{st['sequences'] / base['sequences']:>10.2f}x"
             f"{st['prompts'] / base['prompts']:>10.2f}x{st['real']:>16.0f}{st['computed']:>10.0f}{st['mflop']:>18.1f}"
+            f"{st['gflop']:>17.3f}"
         )
     if result["length_mismatches"]:
         print(f"note: TRL's token counts differ from the engine's for {result['length_mismatches']} prompts")
@@ -705,7 +729,11 @@ def main() -> None:
     trl_rate = stats["TRL DPOTrainer"]["sequences"]
     separate = stats["engine separate"]["sequences"] / trl_rate
     shared = stats["engine shared_prompt"]["sequences"] / trl_rate
-    print(f"shared_prompt / separate response-sequences/s = {shared / separate:.2f}x")
+    flop_ratio = stats["engine separate"]["gflop"] / stats["engine shared_prompt"]["gflop"]
+    print(
+        f"shared_prompt / separate response-sequences/s = {shared / separate:.2f}x; the forward FLOPs per prompt "
+        f"differ by {flop_ratio:.2f}x (the bound for an equally efficient step)"
+    )
     print(
         f"{key[0]}, rows {key[1]}: shared_prompt / TRL response-sequences/s = {shared:.2f}x (separate {separate:.2f}x)"
     )

@@ -25,7 +25,7 @@ ConfigStore.instance().store(name="wrpo_schema", node=OmegaConf.create(dataclass
 def main(cfg: DictConfig) -> None:
     try:
         run_cfg = load_run_config(OmegaConf.to_container(cfg, resolve=True))
-        from wrpo_nemo.training.run import run
+        from wrpo_nemo.pipeline import run
 
         results = run(run_cfg)
     except ConfigError as exc:

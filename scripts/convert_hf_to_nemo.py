@@ -18,7 +18,7 @@ DTYPES = {"auto": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": t
 
 
 def convert(hf_dir: Path, out: Path, *, dtype: str, overwrite: bool, vocab_multiple: int | None) -> Path:
-    from wrpo_nemo.converters.atomic import check_output
+    from wrpo_nemo.checkpoint.atomic import check_output
     from wrpo_nemo.converters.hf_import import import_hf
     from wrpo_nemo.converters.nemo import write_nemo
 

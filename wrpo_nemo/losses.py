@@ -93,6 +93,7 @@ def wrpo_loss(
     gamma: float = 0.0,
     lengths: torch.Tensor | None = None,
     sft_weight: float = 0.0,
+    sft_tokens: float | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The WRPO loss (mean over prompts) and its metrics.
 
@@ -106,6 +107,9 @@ def wrpo_loss(
         gamma: SimPO's target reward margin (only used by ``simpo``).
         lengths: ``[batch, 3]`` response token counts; needed by ipo, simpo and the SFT term.
         sft_weight: weight of an added NLL term on y_ws (per-token mean over the batch); 0 disables it.
+        sft_tokens: the y_ws token count the NLL sum is divided by (default: this batch's). A trainer that
+            splits a global batch passes its share of the global count (see ``training.stages``), so the
+            term is the mean over the global batch's y_ws tokens whatever the split.
 
     Returns:
         ``(loss, metrics)``; metrics are detached 0-d tensors averaged over the batch, named as in TRL where
@@ -139,7 +143,8 @@ def wrpo_loss(
 
     metrics = _reward_metrics(policy_logps, scores, alpha_t, beta)
     if sft_weight:
-        nll = -policy_logps[:, SOURCE].sum() / lengths[:, SOURCE].sum().clamp(min=1)
+        tokens = lengths[:, SOURCE].sum().clamp(min=1) if sft_tokens is None else max(sft_tokens, 1e-12)
+        nll = -policy_logps[:, SOURCE].sum() / tokens
         loss = loss + sft_weight * nll
         metrics["nll_loss"] = nll.detach()
     return loss, metrics
@@ -165,9 +170,3 @@ def _reward_metrics(
             "logps/rejected": policy_logps[:, REJECTED].mean(),
             "alpha": alpha.detach().clone(),
         }
-
-
-def sft_loss(token_logps: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
-    """Stage-1 SFT loss: the mean NLL over all response tokens in the batch (token-level average)."""
-    mask = loss_mask.to(token_logps.dtype)
-    return -(token_logps * mask).sum() / mask.sum().clamp(min=1)

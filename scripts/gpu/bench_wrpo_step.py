@@ -98,10 +98,23 @@ def measure_matmul_tflops(size: int, iters: int = 50) -> tuple[float, str]:
     return 2 * size**3 * iters / (time.perf_counter() - start) / 1e12, str(dtype).removeprefix("torch.")
 
 
+class _SameBatches:
+    """A loader that hands out the same global batch at every step."""
+
+    def __init__(self, batches: list[PackedBatch]) -> None:
+        self.batches = batches
+
+    def next_global_batch(self) -> list[PackedBatch]:
+        return self.batches
+
+
 def time_wrpo_steps(cfg: ModelConfig, batches: list[PackedBatch], steps: int, warmup: int) -> dict:
     """Build the model and optimizer, run ``warmup + steps`` WRPO steps on ``batches``; time the last ``steps``."""
-    from wrpo_nemo.training.engine import OptimSettings, build_model, build_optimizer, train_step, wrap_ddp
-    from wrpo_nemo.training.step import WrpoLossSettings, make_forward_step, wrpo_loss_func
+    from wrpo_nemo.alpha import AlphaSchedule
+    from wrpo_nemo.training.engine import OptimSettings, build_model, build_optimizer, wrap_ddp
+    from wrpo_nemo.training.loop import TrainLoop
+    from wrpo_nemo.training.stages import Reference, WRPOStage
+    from wrpo_nemo.training.step import WrpoLossSettings
 
     device = compat.device()
     model = build_model(cfg, precision="bf16" if compat.cuda_available() else "fp32")
@@ -109,16 +122,22 @@ def time_wrpo_steps(cfg: ModelConfig, batches: list[PackedBatch], steps: int, wa
         model = model.cuda()
     ddp = wrap_ddp(model)
     optimizer, scheduler = build_optimizer(ddp, OptimSettings(lr=1e-6), total_steps=steps + warmup)
-    settings = WrpoLossSettings(beta=0.01)
-    forward_step = make_forward_step(
-        lambda b: lambda out, b=b: wrpo_loss_func(b, 0.05, settings, cfg.vocab_size, out), device
+    # The batches carry their own reference log-probs (synthetic_wrpo_batch); alpha fixed at 0.05.
+    stage = WRPOStage(
+        cfg.vocab_size,
+        WrpoLossSettings(beta=0.01),
+        AlphaSchedule(kind="constant", alpha_max=0.05),
+        Reference("synthetic"),
+        device,
     )
-    batches = [b.to(device) for b in batches]
+    loader = _SameBatches([b.to(device) for b in batches])
+    # The recipe's loop, on the same global batch every step.
+    loop = TrainLoop(ddp, optimizer, scheduler, loader, stage, device=device, total_steps=steps + warmup)
     elapsed, losses = 0.0, []
     for step in range(warmup + steps):
         _sync()
         start = time.perf_counter()
-        metrics = train_step(ddp, optimizer, scheduler, forward_step, batches)
+        metrics = loop.train_step()
         _sync()
         losses.append(metrics["loss"])
         if step >= warmup:

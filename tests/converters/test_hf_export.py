@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 from tests.converters.tiny_models import PAD_MULTIPLE, hf_logits, megatron_logits
-from wrpo_nemo.converters.checkpoint_io import (
+from wrpo_nemo.checkpoint.model import (
     HF_ASSETS_DIR,
     load_model_checkpoint,
     read_model_config,

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from tests.converters.tiny_models import CONFIGS, PAD_MULTIPLE, hf_logits, megatron_logits
-from wrpo_nemo.converters.checkpoint_io import load_model_checkpoint, read_model_config
+from wrpo_nemo.checkpoint.model import load_model_checkpoint, read_model_config
 from wrpo_nemo.converters.hf_import import import_hf
 from wrpo_nemo.models import build_gpt_model
 

@@ -5,7 +5,7 @@ import torch
 from safetensors.torch import load_file
 
 from tests.converters.tiny_models import hf_logits, megatron_logits
-from wrpo_nemo.converters.checkpoint_io import load_model_checkpoint, model_config_from_source
+from wrpo_nemo.checkpoint.model import load_model_checkpoint, model_config_from_source
 from wrpo_nemo.converters.hf_import import import_hf, load_hf_weights
 from wrpo_nemo.models import build_gpt_model, get_preset
 

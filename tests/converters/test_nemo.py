@@ -7,7 +7,7 @@ import yaml
 
 from tests.converters.test_hf_export import hf_tensors
 from tests.converters.tiny_models import PAD_MULTIPLE
-from wrpo_nemo.converters.checkpoint_io import read_model_config, weights_dir
+from wrpo_nemo.checkpoint.model import read_model_config, weights_dir
 from wrpo_nemo.converters.dcp_stream import CheckpointReader
 from wrpo_nemo.converters.hf_import import import_hf
 from wrpo_nemo.converters.nemo import nemo_to_hf, read_nemo, write_nemo

@@ -8,7 +8,7 @@ import torch
 
 from tests.converters.tiny_models import megatron_logits
 from wrpo_nemo import compat
-from wrpo_nemo.converters.checkpoint_io import (
+from wrpo_nemo.checkpoint.model import (
     HF_ASSETS_DIR,
     load_model_checkpoint,
     read_model_config,

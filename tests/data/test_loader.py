@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from wrpo_nemo.data.cache import DataConfig, build_or_load
-from wrpo_nemo.data.loader import PackedBatchLoader, PromptOrder, balanced_bins, sequential_batches
+from wrpo_nemo.data.loader import PackedBatchLoader, PromptOrder, balanced_bins
 from wrpo_nemo.data.packing import PackingError
 from wrpo_nemo.data.tokenize import TokenizeConfig
 from wrpo_nemo.data.toy import build_toy_dataset, build_toy_tokenizer
@@ -158,27 +158,6 @@ def test_balanced_bins_partition_the_batch_into_equal_counts_of_similar_weight()
         chunked = [int(c.sum()) for c in lengths.reshape(16, 8)]
         assert max(totals) - min(totals) <= max(chunked) - min(chunked)
         assert max(totals) - min(totals) <= lengths.max()
-
-
-def test_sequential_batches_cover_every_prompt_once_across_ranks_in_one_shape(dataset):
-    indices = np.arange(3, 50)
-    seen, shapes = [], set()
-    for rank in range(2):
-        for batch in sequential_batches(
-            dataset,
-            indices,
-            stage="wrpo",
-            seq_length=SEQ,
-            micro_batch_size=4,
-            pad_id=0,
-            dp_rank=rank,
-            dp_size=2,
-        ):
-            batch.validate()
-            shapes.add(tuple(batch.tokens.shape))
-            seen.extend(batch.prompt_index.tolist())
-    assert sorted(seen) == indices.tolist()
-    assert len(shapes) == 1 and next(iter(shapes))[1] == SEQ
 
 
 def test_length_stratified_epochs_see_each_prompt_once_in_global_batches_of_similar_weight():

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from wrpo_nemo.losses import PREFERENCES, sft_loss, wrpo_loss
+from wrpo_nemo.losses import PREFERENCES, wrpo_loss
 
 
 def _logsig(x: torch.Tensor) -> torch.Tensor:
@@ -195,9 +195,3 @@ def test_bad_shapes_raise_clear_errors():
         wrpo_loss(torch.zeros(4, 2), torch.zeros(4, 2), alpha=0.1, beta=0.1)
     with pytest.raises(ValueError, match="needs reference_logps"):
         wrpo_loss(torch.zeros(4, 3), None, alpha=0.1, beta=0.1)
-
-
-def test_sft_loss_is_token_mean_nll_over_masked_tokens():
-    logps = torch.tensor([[-1.0, -2.0, -3.0], [-4.0, -5.0, -6.0]])
-    mask = torch.tensor([[True, False, True], [False, False, True]])
-    assert sft_loss(logps, mask).item() == pytest.approx((1 + 3 + 6) / 3)

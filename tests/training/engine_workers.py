@@ -3,19 +3,21 @@
 from __future__ import annotations
 
 import dataclasses
-from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from wrpo_nemo.converters.checkpoint_io import load_model_checkpoint, read_model_config, save_model_checkpoint
+from wrpo_nemo.alpha import AlphaSchedule
+from wrpo_nemo.checkpoint.model import load_model_checkpoint, read_model_config, save_model_checkpoint
 from wrpo_nemo.data.cache import TokenizedDataset
 from wrpo_nemo.data.loader import PackedBatchLoader
 from wrpo_nemo.models.presets import get_preset
-from wrpo_nemo.training.engine import OptimSettings, build_model, build_optimizer, train_step, wrap_ddp
+from wrpo_nemo.training.engine import OptimSettings, build_model, build_optimizer, wrap_ddp
+from wrpo_nemo.training.loop import TrainLoop
 from wrpo_nemo.training.parallel import destroy_parallel, initialize_parallel
-from wrpo_nemo.training.step import WrpoLossSettings, make_forward_step, sft_loss_func, wrpo_loss_func
+from wrpo_nemo.training.stages import Reference, SFTStage, WRPOStage
+from wrpo_nemo.training.step import WrpoLossSettings
 
 GLOBAL_BATCH = 8
 STEPS = 2
@@ -61,21 +63,21 @@ def train_a_few_steps(rank, world_size, layout, stage, start_ckpt, cache_path, o
         # adam_eps well above the smallest gradients: with eps=1e-8, Adam turns a 1e-9 gradient into a full
         # lr-sized step whose sign is fp32 reduction noise, and the comparison would test that noise.
         settings = OptimSettings(lr=1e-3, warmup_ratio=0.0, adam_eps=1e-4)
-        optimizer, scheduler = build_optimizer(ddp, settings, total_steps=4)
+        optimizer, scheduler = build_optimizer(ddp, settings, total_steps=STEPS)
         reference = np.random.default_rng(0).normal(-30, 3, size=(len(dataset), 3)).astype(np.float32)
         loader = _loader(dataset, stage, micro_batch_size, reference if stage == "wrpo" else None)
-        loss_settings = WrpoLossSettings(beta=0.1)
         vocab = read_model_config(start_ckpt).vocab_size
-        history = []
-        for step in range(STEPS):
-            alpha = 0.1 * step / STEPS
-            if stage == "wrpo":
-                forward_step = make_forward_step(
-                    lambda b, a=alpha: partial(wrpo_loss_func, b, a, loss_settings, vocab), device
-                )
-            else:
-                forward_step = make_forward_step(lambda b: partial(sft_loss_func, b, vocab), device)
-            history.append(train_step(ddp, optimizer, scheduler, forward_step, loader.next_global_batch()))
+        if stage == "wrpo":  # alpha_t = 0.1 * step / STEPS
+            alpha = AlphaSchedule(kind="linear", alpha_max=0.1)
+            # With the NLL term on y_ws: its normalisation by the global batch's y_ws tokens must not depend on
+            # how the batch is split into micro-batches (4 + 4 prompts here, 2 + 2 per rank at DP=2, ...).
+            loss = WrpoLossSettings(beta=0.1, sft_weight=0.5)
+            stage_obj = WRPOStage(vocab, loss, alpha, Reference("given", reference), device)
+        else:
+            stage_obj = SFTStage(vocab)
+        # The loop the recipe runs.
+        loop = TrainLoop(ddp, optimizer, scheduler, loader, stage_obj, device=device, total_steps=STEPS)
+        history = [loop.train_step() for _ in range(STEPS)]
         save_model_checkpoint(model, Path(out_dir) / "weights", read_model_config(start_ckpt))
         if rank == 0:
             torch.save(history, Path(out_dir) / "metrics.pt")

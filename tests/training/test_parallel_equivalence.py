@@ -1,7 +1,9 @@
-"""One training step gives the same loss and the same updated weights at TP=2, PP=2 and DP=2 as at 1x1x1.
+"""Two training steps give the same losses and the same updated weights at TP=2, PP=2 and DP=2 as at 1x1x1.
 
 Real processes joined by gloo run megatron's schedules, Megatron DDP and Megatron's optimizer on the same
-global batch (8 prompts) from the same starting weights, in fp32.
+global batch (8 prompts) from the same starting weights, in fp32, through the training loop the recipe runs
+(``TrainLoop`` with ``SFTStage`` / ``WRPOStage``). WRPO adds the NLL term on y_ws (``sft_weight``), whose
+normalisation by the global batch's y_ws tokens makes it independent of the micro-batch split too.
 """
 
 from pathlib import Path

@@ -1,6 +1,6 @@
 """Converters: HF safetensors <-> model checkpoint (megatron dist checkpoint, any TP/PP) <-> ``.nemo``."""
 
-from wrpo_nemo.converters.checkpoint_io import (
+from wrpo_nemo.checkpoint.model import (
     load_model_checkpoint,
     model_config_from_source,
     read_model_config,

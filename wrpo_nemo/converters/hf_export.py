@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
-from wrpo_nemo.converters.atomic import atomic_output_dir
-from wrpo_nemo.converters.checkpoint_io import HF_ASSETS_DIR, read_model_config, weights_dir
+from wrpo_nemo.checkpoint.atomic import atomic_output_dir
+from wrpo_nemo.checkpoint.model import HF_ASSETS_DIR, read_model_config, weights_dir
 from wrpo_nemo.converters.dcp_stream import CheckpointReader
 from wrpo_nemo.converters.safetensors_io import INDEX_FILE, StreamingSafetensorsWriter, safetensors_header
 from wrpo_nemo.models.config import ModelConfig

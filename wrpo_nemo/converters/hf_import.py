@@ -1,4 +1,4 @@
-"""Hugging Face folder -> model checkpoint (:mod:`wrpo_nemo.converters.checkpoint_io`), streamed.
+"""Hugging Face folder -> model checkpoint (:mod:`wrpo_nemo.checkpoint.model`), streamed.
 
 Every input is checked before anything is written (architecture, every tensor present with the shape the
 config implies); the output appears only when complete. Each megatron tensor is built for one layer at a time
@@ -13,8 +13,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from wrpo_nemo.converters.atomic import atomic_output_dir
-from wrpo_nemo.converters.checkpoint_io import (
+from wrpo_nemo.checkpoint.atomic import atomic_output_dir
+from wrpo_nemo.checkpoint.model import (
     HF_ASSETS_DIR,
     copy_hf_assets,
     is_model_checkpoint,

@@ -20,8 +20,8 @@ from typing import Any
 
 import yaml
 
-from wrpo_nemo.converters.atomic import atomic_output_dir, check_output, replace_path
-from wrpo_nemo.converters.checkpoint_io import (
+from wrpo_nemo.checkpoint.atomic import atomic_output_dir, check_output, replace_path
+from wrpo_nemo.checkpoint.model import (
     HF_ASSETS_DIR,
     read_model_config,
     weights_dir,

@@ -12,14 +12,13 @@ How the engine uses it (one process per rank)::
     micro_batches = loader.next_global_batch()      # list of PackedBatch, one fixed shape, this rank's share
     checkpoint["data"] = loader.state_dict()        # loader.load_state_dict(...) on resume
 
-The reference log-probs come from a pass over ``sequential_batches(...)`` stored with
-``save_reference_logps``. The toy task of the default run: ``build_toy_dataset``, ``build_toy_tokenizer``,
+The reference log-probs (``wrpo_nemo.training.reference``) are stored with ``save_reference_logps``. The toy task of the default run: ``build_toy_dataset``, ``build_toy_tokenizer``,
 ``score_answer`` (``wrpo_nemo.data.toy``).
 """
 
 from wrpo_nemo.data.cache import DataConfig, TokenizedDataset, build_or_load
 from wrpo_nemo.data.layout import PackedBatch
-from wrpo_nemo.data.loader import PackedBatchLoader, sequential_batches
+from wrpo_nemo.data.loader import PackedBatchLoader
 from wrpo_nemo.data.packing import PackingError, pack_micro_batch, packing_efficiency
 from wrpo_nemo.data.records import DataError, Example, ReadConfig, read_examples
 from wrpo_nemo.data.reference import load_reference_logps, save_reference_logps
@@ -44,7 +43,6 @@ __all__ = [
     "packing_efficiency",
     "read_examples",
     "save_reference_logps",
-    "sequential_batches",
     "split_indices",
     "split_of",
 ]

@@ -19,7 +19,6 @@ which micro-batches does). A different seed, prompt set, dataset, global batch s
 from __future__ import annotations
 
 import heapq
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -273,32 +272,3 @@ class PackedBatchLoader:
             )
         self.epoch = int(state["epoch"])
         self.consumed = int(state["consumed_in_epoch"])
-
-
-def sequential_batches(
-    dataset: TokenizedDataset,
-    indices: np.ndarray,
-    *,
-    stage: Stage,
-    seq_length: int,
-    micro_batch_size: int,
-    pad_id: int,
-    dp_rank: int = 0,
-    dp_size: int = 1,
-    rows_per_micro_batch: int | None = None,
-    layout: Layout = "shared_prompt",
-) -> Iterator[PackedBatch]:
-    """Every prompt of ``indices`` exactly once, in order, as packed micro-batches of this rank.
-
-    For passes that must see all prompts, not a shuffled epoch of full global batches: the reference
-    log-prob precompute (fill row ``prompt_index`` of an ``[N, 3]`` table, then ``save_reference_logps``)
-    and evaluation. Rank ``r`` takes micro-batches ``r, r + dp_size, ...``; the last may hold fewer prompts.
-    All have ``rows_per_micro_batch`` rows (by default the most any of them needs).
-    """
-    indices = np.asarray(indices, dtype=np.int64)
-    chunks = [indices[i : i + micro_batch_size] for i in range(0, len(indices), micro_batch_size)]
-    if rows_per_micro_batch is None:
-        lengths = group_lengths(dataset, stage, layout)
-        rows_per_micro_batch = max((rows_needed(lengths[c], seq_length) for c in chunks), default=1)
-    for chunk in chunks[dp_rank::dp_size]:
-        yield pack_micro_batch(dataset, chunk, stage, seq_length, rows_per_micro_batch, pad_id, layout=layout)

@@ -1,6 +1,6 @@
 """Training checkpoints: atomic megatron dist checkpoints that continue a run bit-for-bit.
 
-A training checkpoint is a model checkpoint (``wrpo_nemo.converters.checkpoint_io``: ``model_config.json``
+A training checkpoint is a model checkpoint (``wrpo_nemo.checkpoint.model``: ``model_config.json``
 and the ``weights/`` dist checkpoint, so every converter and ``load_model_checkpoint`` read it as is) whose
 dist checkpoint also holds:
 
@@ -25,8 +25,8 @@ import torch
 import torch.distributed as dist
 
 from wrpo_nemo import compat
-from wrpo_nemo.converters.atomic import replace_path
-from wrpo_nemo.converters.checkpoint_io import (
+from wrpo_nemo.checkpoint.atomic import replace_path
+from wrpo_nemo.checkpoint.model import (
     copy_hf_assets,
     model_sharded_state_dict,
     weights_dir,

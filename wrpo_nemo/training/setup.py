@@ -32,7 +32,7 @@ class RunInputs:
 
 def resolve_model_config(cfg: RunConfig, tokenizer: Any) -> ModelConfig:
     """The architecture: from ``model.hf_path``, a checkpoint's config, or a preset sized to the tokenizer."""
-    from wrpo_nemo.converters.checkpoint_io import read_model_config
+    from wrpo_nemo.checkpoint.model import read_model_config
     from wrpo_nemo.models import get_preset, model_config_from_hf
 
     if cfg.model.hf_path:

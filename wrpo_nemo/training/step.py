@@ -89,9 +89,20 @@ def sft_loss_func(batch: PackedBatch, vocab_size: int, logits: torch.Tensor):
 
 
 def wrpo_loss_func(
-    batch: PackedBatch, alpha: float, settings: WrpoLossSettings, vocab_size: int, logits: torch.Tensor
+    batch: PackedBatch,
+    alpha: float,
+    settings: WrpoLossSettings,
+    vocab_size: int,
+    logits: torch.Tensor,
+    *,
+    nll_tokens_per_prompt: float | None = None,
 ):
-    """WRPO loss summed over the micro-batch's prompts, the prompt count, and metric sums."""
+    """WRPO loss summed over the micro-batch's prompts, the prompt count, and metric sums.
+
+    ``nll_tokens_per_prompt``: y_ws tokens per prompt over the whole global batch; with it the optional NLL
+    term (``settings.sft_weight``) is normalised by the global batch's y_ws tokens (after megatron divides by
+    the global prompt count), not by each micro-batch's.
+    """
     if batch.reference_logps is None and settings.preference != "simpo":
         raise RuntimeError("a WRPO micro-batch reached the loss without reference log-probs")
     policy, lengths = response_logps(logits, batch, vocab_size, inplace_backward=True)
@@ -106,6 +117,7 @@ def wrpo_loss_func(
         gamma=settings.gamma,
         lengths=lengths,
         sft_weight=settings.sft_weight,
+        sft_tokens=None if nll_tokens_per_prompt is None else nll_tokens_per_prompt * batch.num_prompts,
     )
     prompts = batch.num_prompts
     sums = {"loss": torch.stack([loss.detach() * prompts, loss.new_tensor(float(prompts))])}

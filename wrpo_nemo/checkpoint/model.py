@@ -22,7 +22,7 @@ from typing import Any
 
 import torch.distributed as dist
 
-from wrpo_nemo.converters.atomic import replace_path
+from wrpo_nemo.checkpoint.atomic import replace_path
 from wrpo_nemo.models.config import ModelConfig
 
 FORMAT = "wrpo_nemo.model_checkpoint/1"

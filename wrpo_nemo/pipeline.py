@@ -1,7 +1,10 @@
 """The two-stage pipeline of WRPO.md: SFT on y_ws, then WRPO, then the Hugging Face export.
 
-Each stage builds its model from the previous stage's final checkpoint (the start weights for the first),
-so stage boundaries are checkpoints and a resumed run skips finished stages.
+This is the entry layer's orchestration (DESIGN.md layer 6): it uses the converters (an HF starting model is
+imported into a model checkpoint once; each stage's final weights are exported) and the training layer (each
+stage trains from a model checkpoint to its final checkpoint). Each stage starts from the previous stage's
+final checkpoint (the configured start for the first), so stage boundaries are checkpoints and a resumed run
+skips finished stages.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from wrpo_nemo.data.splits import split_indices
 from wrpo_nemo.training.config import RunConfig
 from wrpo_nemo.training.outputs import plot_metrics
 from wrpo_nemo.training.parallel import destroy_parallel, initialize_parallel
+from wrpo_nemo.training.run_stage import Preemption, StageResult, StartWeights, run_stage
 from wrpo_nemo.training.setup import (
     RunInputs,
     load_tokenizer,
@@ -27,7 +31,6 @@ from wrpo_nemo.training.setup import (
     validate_layout,
     world_size,
 )
-from wrpo_nemo.training.stage import Preemption, StageResult, run_stage
 
 
 def _export(cfg: RunConfig, stage: str, checkpoint: str) -> str | None:
@@ -39,6 +42,29 @@ def _export(cfg: RunConfig, stage: str, checkpoint: str) -> str | None:
     export_hf(checkpoint, out, dtype=getattr(torch, cfg.export.dtype), overwrite=True)
     print(f"[{stage}] exported Hugging Face model to {out}", flush=True)
     return str(out)
+
+
+def start_weights(cfg: RunConfig, inputs: RunInputs, previous: str | None) -> StartWeights:
+    """Where a stage starts: the previous stage's final checkpoint, ``model.checkpoint``, ``model.hf_path``
+    (imported once into ``run_dir/imported_hf`` by rank 0, visible to every rank) or a random initialisation.
+    The identity names the start for the reference log-prob store."""
+    from wrpo_nemo.checkpoint.model import is_model_checkpoint
+
+    if previous is not None:
+        return StartWeights(previous, f"checkpoint:{Path(previous).resolve()}")
+    if cfg.model.checkpoint:
+        return StartWeights(cfg.model.checkpoint, f"checkpoint:{Path(cfg.model.checkpoint).resolve()}")
+    if cfg.model.hf_path:
+        imported = Path(cfg.run_dir) / "imported_hf"
+        if dist.get_rank() == 0 and not is_model_checkpoint(imported):
+            from wrpo_nemo.converters.hf_import import import_hf
+
+            import_hf(cfg.model.hf_path, imported, overwrite=True)
+        dist.barrier()
+        return StartWeights(str(imported), f"hf:{Path(cfg.model.hf_path).resolve()}")
+    return StartWeights(
+        None, f"random:seed={cfg.seed}:{json.dumps(inputs.model_cfg.to_dict(), sort_keys=True)}"
+    )
 
 
 def run(cfg: RunConfig) -> dict[str, StageResult]:
@@ -65,7 +91,9 @@ def run(cfg: RunConfig) -> dict[str, StageResult]:
                   f"eval {len(splits['eval'])}; report {dataset.path}/report.json", flush=True)  # fmt: skip
         preemption, previous, results = Preemption(), None, {}
         for stage in cfg.stages:
-            result = run_stage(cfg, stage, inputs, previous, dp, device, preemption)
+            result = run_stage(
+                cfg, stage, inputs, start_weights(cfg, inputs, previous), dp, device, preemption
+            )
             results[stage] = result
             if result.preempted:
                 break

@@ -1,0 +1,284 @@
+"""One stage of a configured run, from its start weights to its final checkpoint.
+
+:class:`StageRunner` turns the run config into the training layer's parts: the model loaded from its start (a
+model checkpoint, or a random initialisation), the :mod:`~wrpo_nemo.training.stages` object (with WRPO's
+reference log-probs), the loader, megatron's optimizer and schedule, the :class:`~wrpo_nemo.training.loop.
+TrainLoop`, the evaluator and the checkpoint components. It then runs the loop with the run's callbacks
+(logging, periodic evaluation, preemption, periodic checkpoints), evaluates and saves at the end.
+"""
+
+from __future__ import annotations
+
+import signal
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from wrpo_nemo import compat
+from wrpo_nemo.checkpoint.model import load_model_checkpoint, weights_dir
+from wrpo_nemo.data.loader import PackedBatchLoader
+from wrpo_nemo.training import checkpoint as ckpt
+from wrpo_nemo.training.config import ConfigError, RunConfig, StageSection
+from wrpo_nemo.training.engine import build_model, build_optimizer, for_forward, wrap_ddp
+from wrpo_nemo.training.loop import Evaluator, Throughput, TrainLoop, collect_state, every, restore_state
+from wrpo_nemo.training.outputs import MetricsLogger, model_flops_per_token
+from wrpo_nemo.training.reference import precomputed_reference
+from wrpo_nemo.training.setup import RunInputs
+from wrpo_nemo.training.stages import Reference, SFTStage, Stage, WRPOStage
+
+
+@dataclass
+class StageResult:
+    """What one stage leaves behind."""
+
+    checkpoint: str
+    steps: int
+    final_metrics: dict[str, float] = field(default_factory=dict)
+    eval_metrics: dict[str, float] = field(default_factory=dict)
+    reference: str | None = None
+    """How WRPO's reference log-probs were obtained: loaded, computed (precompute) or online."""
+    preempted: bool = False
+
+
+@dataclass(frozen=True)
+class StartWeights:
+    """Where a stage's weights come from: a model checkpoint, or (``checkpoint=None``) a random initialisation
+    seeded by the run's seed. ``identity`` names them in the reference log-prob store's key."""
+
+    checkpoint: str | None
+    identity: str
+
+
+class Preemption:
+    """SIGTERM/SIGUSR1 (Slurm's warning) set a flag; the loop saves and stops at the next step boundary."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
+        # Slurm may signal every process of the step and a launcher forward it again: one is enough, and a
+        # later one arriving during shutdown must not kill the process with the default action.
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, signal.SIG_IGN)
+
+    def agreed(self) -> bool:
+        # On the compute device: NCCL reduces CUDA tensors only.
+        flag = torch.tensor([1.0 if self.requested else 0.0], device=compat.device())
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+def build_start_model(cfg: RunConfig, inputs: RunInputs, start: StartWeights, precision: str | None = None):
+    """This stage's model, loaded from its start; ``precision`` overrides ``model.precision`` (a bf16 reference
+    copy)."""
+    torch.manual_seed(cfg.seed)
+    model = build_model(
+        inputs.model_cfg,
+        precision=precision or cfg.model.precision,
+        fp8=cfg.model.fp8,
+        recompute=cfg.model.recompute,
+    )
+    if start.checkpoint is not None:
+        load_model_checkpoint(model, start.checkpoint)
+    return model
+
+
+def build_loader(
+    cfg: RunConfig, section: StageSection, stage: str, inputs: RunInputs, indices, dp, reference=None
+):
+    from megatron.core import parallel_state
+
+    return PackedBatchLoader(
+        inputs.dataset,
+        indices,
+        stage=stage,
+        seq_length=cfg.data.source.tokenize.seq_length,
+        global_batch_size=section.global_batch_size,
+        micro_batch_size=section.micro_batch_size,
+        dp_rank=parallel_state.get_data_parallel_rank(),
+        dp_size=dp,
+        seed=cfg.seed,
+        pad_id=inputs.tokenizer.pad_token_id,
+        rows_per_micro_batch=section.rows_per_micro_batch,
+        reference_logps=reference,
+        plan_epochs=section.epochs,
+        layout=cfg.data.layout,
+    )
+
+
+def build_reference(cfg: RunConfig, inputs: RunInputs, start: StartWeights, policy, device) -> Reference:
+    """WRPO's reference: stored log-probs (loaded, or computed by the frozen start model and stored), the
+    frozen model itself (``online``), or none (SimPO). A bf16 reference runs a bf16 copy of the start weights
+    whatever the policy's precision; the store's key includes the dtype."""
+    if cfg.wrpo.loss.preference == "simpo" and cfg.wrpo.reference != "online":
+        return Reference("none (simpo is reference-free)")
+    bf16 = cfg.wrpo.reference_precision == "bf16"
+    frozen = None
+    if cfg.wrpo.reference == "online" or (bf16 and policy.config.params_dtype != torch.bfloat16):
+        reference_model = build_start_model(cfg, inputs, start, "bf16" if bf16 else None)
+        reference_model.requires_grad_(False)
+        frozen = for_forward(reference_model)
+    suffix = " (bf16)" if bf16 else ""
+    if cfg.wrpo.reference == "online":
+        return Reference("online" + suffix, model=frozen)
+    model = frozen if frozen is not None else policy
+    dtype = str(model.config.params_dtype)
+    logps, how = precomputed_reference(
+        model,
+        inputs.dataset,
+        np.union1d(inputs.splits["wrpo"], inputs.splits["eval"]),
+        f"{start.identity}|{dtype}|{inputs.dataset.key}",
+        micro_batch_size=cfg.wrpo.micro_batch_size,
+        seq_length=cfg.data.source.tokenize.seq_length,
+        pad_id=inputs.tokenizer.pad_token_id,
+        device=device,
+        vocab_size=inputs.model_cfg.vocab_size,
+        layout=cfg.data.layout,
+    )
+    return Reference(how + suffix, logps=logps)
+
+
+def build_stage(cfg: RunConfig, name: str, inputs: RunInputs, start: StartWeights, policy, device) -> Stage:
+    vocab = inputs.model_cfg.vocab_size
+    if name == "sft":
+        return SFTStage(vocab)
+    reference = build_reference(cfg, inputs, start, policy, device)
+    return WRPOStage(vocab, cfg.wrpo.loss, cfg.wrpo.alpha, reference, device)
+
+
+def build_evaluator(cfg: RunConfig, section: StageSection, stage: Stage, inputs: RunInputs, dp, device):
+    """The held-out evaluation: up to ``logging.eval_prompts`` eval-split prompts, a whole number of passes of
+    ``micro_batch_size`` x data-parallel size."""
+    per_pass = section.micro_batch_size * dp
+    count = min(cfg.logging.eval_prompts, len(inputs.splits["eval"])) // per_pass * per_pass
+    if count == 0:
+        return Evaluator([], stage, device)
+    eval_section = StageSection(global_batch_size=count, micro_batch_size=section.micro_batch_size)
+    logps = getattr(getattr(stage, "reference", None), "logps", None)
+    loader = build_loader(cfg, eval_section, stage.name, inputs, inputs.splits["eval"][:count], dp, logps)
+    return Evaluator(loader.next_global_batch(), stage, device)
+
+
+def _finished(latest: Path | None) -> dict | None:
+    """The trainer state of ``latest`` when it marks a finished stage."""
+    if latest is None:
+        return None
+    from megatron.core import dist_checkpointing
+
+    state = dist_checkpointing.load_common_state_dict(str(weights_dir(latest)))[ckpt.TRAINER_KEY]
+    return state if state.get("finished") else None
+
+
+class StageRunner:
+    """The parts of one configured stage; :meth:`run` trains it to its end or to a preemption."""
+
+    def __init__(self, cfg: RunConfig, name: str, inputs: RunInputs, start: StartWeights, dp: int, device):
+        self.cfg, self.name, self.inputs = cfg, name, inputs
+        section: StageSection = getattr(cfg, name)
+        self.stage_dir = Path(cfg.run_dir) / name
+        # self.model holds the weights (checkpoints read and write it); self.ddp is what the schedules run.
+        self.model = build_start_model(cfg, inputs, start)
+        self.ddp = wrap_ddp(self.model)
+        self.stage = build_stage(cfg, name, inputs, start, self.ddp, device)
+        logps = getattr(getattr(self.stage, "reference", None), "logps", None)
+        self.loader = build_loader(cfg, section, name, inputs, inputs.splits[name], dp, logps)
+        total = self.loader.steps_per_epoch * section.epochs
+        total = min(total, section.max_steps) if section.max_steps else total
+        self.optimizer, scheduler = build_optimizer(self.ddp, section.optim, total)
+        online = getattr(getattr(self.stage, "reference", None), "model", None) is not None
+        throughput = Throughput(
+            model_flops_per_token(inputs.model_cfg, cfg.data.source.tokenize.max_length / 2), online
+        )
+        self.loop = TrainLoop(
+            self.ddp, self.optimizer, scheduler, self.loader, self.stage,
+            device=device, total_steps=total, throughput=throughput,
+        )  # fmt: skip
+        self.evaluate = build_evaluator(cfg, section, self.stage, inputs, dp, device)
+        self.dp = dp
+        self.metrics: dict[str, float] = {}
+
+    def resume_from(self, path: Path) -> None:
+        state = ckpt.load_training_checkpoint(path, self.model, self.optimizer)
+        try:
+            restore_state(self._stateful(), state)
+        except ValueError as exc:  # the data settings changed since the checkpoint: a config error (exit 2)
+            raise ConfigError(f"cannot resume {path}: {exc}") from None
+
+    def _stateful(self) -> dict[str, Any]:
+        return {"": self.loop, "data": self.loader}
+
+    def save(self, finished: bool) -> str:
+        state = {
+            **collect_state(self._stateful()),
+            **self.stage.state_dict(),
+            "finished": finished,
+            "final_metrics": self.metrics,
+        }
+        path = ckpt.save_training_checkpoint(
+            self.stage_dir, self.loop.step, self.model, self.optimizer, state, self.inputs.model_cfg,
+            keep_last=self.cfg.checkpoint.keep_last, hf_assets=self.inputs.hf_assets,
+        )  # fmt: skip
+        return str(path)
+
+    def announce(self) -> None:
+        if dist.get_rank() == 0:
+            mode = getattr(getattr(self.stage, "reference", None), "mode", None)
+            print(
+                f"[{self.name}] {self.loop.total_steps} optimizer steps, {self.loader.rows_per_micro_batch} rows "
+                f"x {self.cfg.data.source.tokenize.seq_length} tokens per micro-batch, data-parallel {self.dp}; "
+                f"reference log-probs: {mode or 'n/a'}; starting at step {self.loop.step}",
+                flush=True,
+            )
+
+    def run(self, preemption: Preemption) -> StageResult:
+        self.announce()
+        log = self.cfg.logging
+        logger = MetricsLogger(
+            self.stage_dir, self.name, self.loop.total_steps, enabled=dist.get_rank() == 0,
+            log_interval=log.log_interval, tensorboard=log.tensorboard, wandb_project=log.wandb_project,
+            run_name=Path(self.cfg.run_dir).name,
+        )  # fmt: skip
+
+        def record(loop: TrainLoop, metrics: dict[str, float]) -> None:
+            self.metrics = metrics
+            logger.log(loop.step, metrics)
+
+        def evaluate(loop: TrainLoop, _) -> None:
+            logger.log(loop.step, self.evaluate(self.ddp), split="eval")
+
+        callbacks = [
+            record,
+            every(log.eval_interval, evaluate),
+            lambda loop, _: preemption.agreed(),
+            every(self.cfg.checkpoint.save_interval, lambda loop, _: self.save(finished=False)),
+        ]
+        preempted = self.loop.run(callbacks)
+        eval_metrics = {} if preempted else self.evaluate(self.ddp)
+        if eval_metrics:
+            logger.log(self.loop.step, eval_metrics, split="eval")
+        path = self.save(finished=not preempted)
+        logger.close()
+        mode = getattr(getattr(self.stage, "reference", None), "mode", None)
+        return StageResult(path, self.loop.step, self.metrics, eval_metrics, mode, preempted)
+
+
+def run_stage(
+    cfg: RunConfig, stage: str, inputs: RunInputs, start: StartWeights, dp: int, device, preemption
+) -> StageResult:
+    """Train one stage to its end (or to a preemption); a finished stage on resume is only reported."""
+    latest = ckpt.latest_checkpoint(Path(cfg.run_dir) / stage) if cfg.checkpoint.resume else None
+    if (done := _finished(latest)) is not None:
+        return StageResult(
+            str(latest), done["step"], done.get("final_metrics", {}), reference=done.get("reference")
+        )
+    runner = StageRunner(cfg, stage, inputs, start, dp, device)
+    if latest is not None:
+        runner.resume_from(latest)
+    return runner.run(preemption)
