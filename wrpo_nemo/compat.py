@@ -11,8 +11,8 @@ What is handled (numbers refer to the list in ``shared/STACK.md``):
    tracker is replaced by megatron's own inference tracker, whose fork is a no-op (exact with dropout 0).
 2. ``get_default_causal_mask`` allocates on CUDA: never reached, the model's core attention is our
    segment-aware one (:mod:`wrpo_nemo.models.attention`), which takes no mask.
-3. ``torch.cuda.current_device()`` (rotary embeddings, the global memory buffer, p2p shape exchange) returns
-   the CPU device on a CPU build instead of raising.
+3. ``torch.cuda.current_device()`` (the global memory buffer, p2p shape exchange) returns the CPU device
+   inside :func:`redirect_cuda_to_cpu` instead of raising (patched on entry, restored on exit).
 4. Tensors built with a literal ``device="cuda"`` (pipeline schedules, the optimizer, gradient clipping) are
    redirected to the CPU by :func:`redirect_cuda_to_cpu`, a ``TorchFunctionMode`` entered only around
    megatron calls and only when CUDA is unavailable.
@@ -22,7 +22,7 @@ What is handled (numbers refer to the list in ``shared/STACK.md``):
    is wrapped the same way by ``wrpo_nemo.models.builder.build_gpt_model``.
 4b. Pipeline p2p: ``batch_isend_irecv`` is NCCL-only; :func:`configure_model_parallel` switches a model
    config to plain isend/irecv on CPU, which gloo supports.
-11. ``torch.cuda.synchronize()`` (dist checkpointing, p2p) is a no-op on a CPU build.
+11. ``torch.cuda.synchronize()`` (dist checkpointing, p2p) is a no-op inside the same context.
 12. Activation recomputation saves and restores the CUDA RNG state around each recomputed block: on a CPU
     build there is none, so megatron's two private accessors get an empty state and a no-op (the CPU RNG,
     which megatron saves alongside, is still restored).
@@ -34,12 +34,14 @@ import contextlib
 import functools
 import os
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch.overrides import TorchFunctionMode
 
 __all__ = [
+    "Runtime",
     "check_megatron",
     "configure_model_parallel",
     "cuda_available",
@@ -49,13 +51,55 @@ __all__ = [
     "peak_bf16_tflops",
     "prepare_runtime",
     "redirect_cuda_to_cpu",
+    "runtime",
 ]
 
 
+@dataclass(frozen=True)
+class Runtime:
+    """What this process runs on, decided once (:func:`runtime`); the layers above read its decisions instead
+    of asking torch themselves."""
+
+    cuda: bool
+    """A CUDA GPU is this process's compute device."""
+    transformer_engine: bool
+    """TransformerEngine layers are used: a GPU and TransformerEngine (with megatron's wrappers) importable."""
+
+    @property
+    def default_dtype(self) -> torch.dtype:
+        """Parameter dtype of ``precision: auto``: bf16 on a GPU (fp32 main copies in the optimizer), fp32 on a CPU."""
+        return torch.bfloat16 if self.cuda else torch.float32
+
+    @property
+    def distributed_optimizer(self) -> bool:
+        """megatron's distributed optimizer (sharded optimizer state); it needs CUDA tensors."""
+        return self.cuda
+
+    @property
+    def cpu_initialization(self) -> bool:
+        """Initialise weights on the CPU (megatron's ``use_cpu_initialization``)."""
+        return not self.cuda
+
+
+def _transformer_engine_importable() -> bool:
+    try:
+        import transformer_engine  # noqa: F401
+        from megatron.core.extensions import transformer_engine as _te  # noqa: F401
+    except Exception:  # TE raises more than ImportError when its CUDA libraries are missing.
+        return False
+    return True
+
+
 @functools.cache
+def runtime() -> Runtime:
+    """This process's :class:`Runtime`, computed on first use and fixed for the process's life."""
+    cuda = torch.cuda.is_available()
+    return Runtime(cuda=cuda, transformer_engine=cuda and _transformer_engine_importable())
+
+
 def cuda_available() -> bool:
-    """Whether this process trains on a GPU. Cached: the answer must not change within a run."""
-    return torch.cuda.is_available()
+    """Whether this process trains on a GPU (``runtime().cuda``)."""
+    return runtime().cuda
 
 
 def device() -> torch.device:
@@ -70,18 +114,47 @@ def default_backend() -> str:
     return "nccl" if cuda_available() else "gloo"
 
 
-_CPU_PATCHED = False
+def _cpu_patches() -> list[tuple[Any, str, Any]]:
+    """``(owner, attribute, replacement)`` of every function replaced while megatron code runs on a CPU build
+    (inside :func:`redirect_cuda_to_cpu`), and only then:
+
+    - ``torch.cuda.current_device`` (used as ``device=torch.cuda.current_device()``: the CPU is the right
+      answer) and ``torch.cuda.synchronize`` (nothing to wait for), items 3 and 11;
+    - megatron's private CUDA RNG accessors of activation recomputation, item 12 (:func:`check_megatron`
+      checks that they exist, so a rename fails loudly instead of leaving the patch a silent no-op).
+    """
+    from megatron.core.tensor_parallel import random as mcore_random
+
+    return [
+        (torch.cuda, "current_device", lambda: torch.device("cpu")),
+        (torch.cuda, "synchronize", lambda device=None: None),
+        (mcore_random, "_get_cuda_rng_state", lambda *args, **kwargs: torch.empty(0, dtype=torch.uint8)),
+        (mcore_random, "_set_cuda_rng_state", lambda *args, **kwargs: None),
+    ]
 
 
-def _patch_cuda_queries_for_cpu() -> None:
-    """Make the few CUDA queries megatron makes outside tensor creation harmless on a CPU build."""
-    global _CPU_PATCHED
-    if _CPU_PATCHED:
-        return
-    # Used as ``device=torch.cuda.current_device()``: the CPU device is the right answer here.
-    torch.cuda.current_device = lambda: torch.device("cpu")  # type: ignore[assignment]
-    torch.cuda.synchronize = lambda device=None: None  # type: ignore[assignment]
-    _CPU_PATCHED = True
+_PATCH_DEPTH = 0
+_ORIGINALS: list[tuple[Any, str, Any]] = []
+
+
+@contextlib.contextmanager
+def _patched_for_cpu() -> Iterator[None]:
+    """Apply :func:`_cpu_patches` for the duration of the block (nested blocks share one application) and put
+    the originals back after the outermost."""
+    global _PATCH_DEPTH
+    if _PATCH_DEPTH == 0:
+        for owner, name, replacement in _cpu_patches():
+            _ORIGINALS.append((owner, name, getattr(owner, name)))
+            setattr(owner, name, replacement)
+    _PATCH_DEPTH += 1
+    try:
+        yield
+    finally:
+        _PATCH_DEPTH -= 1
+        if _PATCH_DEPTH == 0:
+            while _ORIGINALS:
+                owner, name, original = _ORIGINALS.pop()
+                setattr(owner, name, original)
 
 
 SUPPORTED_MEGATRON = ((0, 16), (0, 17))
@@ -120,13 +193,6 @@ def check_megatron(version: str | None = None) -> str:
     return version
 
 
-def _patch_megatron_rng_for_cpu() -> None:
-    from megatron.core.tensor_parallel import random as mcore_random
-
-    mcore_random._get_cuda_rng_state = lambda *args, **kwargs: torch.empty(0, dtype=torch.uint8)
-    mcore_random._set_cuda_rng_state = lambda *args, **kwargs: None
-
-
 def _reset_rng_tracker() -> None:
     from megatron.core.tensor_parallel import random as mcore_random
 
@@ -141,15 +207,13 @@ def prepare_runtime(seed: int | None = None) -> torch.device:
     """Prepare this process for megatron-core on whatever it has; returns the compute device.
 
     On a GPU: selects ``LOCAL_RANK``'s device and seeds megatron's model-parallel CUDA RNG streams (call it
-    after ``parallel_state`` is initialised when ``seed`` is given). On a CPU: applies the patches listed in
-    this module's docstring. Idempotent.
+    after ``parallel_state`` is initialised when ``seed`` is given). On a CPU: installs megatron's no-op
+    inference RNG tracker. Nothing process-wide is patched: the CPU replacements apply only inside
+    :func:`redirect_cuda_to_cpu`. Idempotent.
     """
     check_megatron()
     if cuda_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    else:
-        _patch_cuda_queries_for_cpu()
-        _patch_megatron_rng_for_cpu()
     _reset_rng_tracker()
     if seed is not None:
         torch.manual_seed(seed)
@@ -217,8 +281,9 @@ class _CudaToCpu(TorchFunctionMode):
 
 @contextlib.contextmanager
 def outside_redirect() -> Iterator[None]:
-    """Suspend :func:`redirect_cuda_to_cpu` for code that needs no redirection (the model's forward, which
-    megatron's schedules call inside it): every torch call under the mode pays a Python dispatch."""
+    """Suspend :func:`redirect_cuda_to_cpu`'s ``TorchFunctionMode`` for code that needs no redirection (the
+    model's forward, which megatron's schedules call inside it): every torch call under the mode pays a Python
+    dispatch. The function replacements stay (recomputation reads the RNG accessors in the forward)."""
     from torch.overrides import _get_current_function_mode_stack, _pop_mode_temporarily
 
     stack = _get_current_function_mode_stack()
@@ -231,9 +296,12 @@ def outside_redirect() -> Iterator[None]:
 
 @contextlib.contextmanager
 def redirect_cuda_to_cpu() -> Iterator[None]:
-    """Run megatron code that hard-codes ``device="cuda"`` on a CPU machine; a no-op on a GPU machine."""
+    """Run megatron code written for CUDA on a CPU machine; a no-op on a GPU machine.
+
+    Inside: ``device="cuda"`` arguments go to the CPU (a ``TorchFunctionMode``) and :func:`_cpu_patches` are
+    applied; both are undone on exit, so nothing outside megatron's calls sees them."""
     if cuda_available():
         yield
         return
-    with _CudaToCpu():
+    with _patched_for_cpu(), _CudaToCpu():
         yield

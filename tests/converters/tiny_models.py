@@ -85,7 +85,9 @@ def megatron_logits(model, tokens: torch.Tensor) -> torch.Tensor:
     """Full-vocabulary logits of a TP=1 (or TP-gathered) megatron model, padding columns dropped."""
     from megatron.core import tensor_parallel
 
-    with torch.no_grad():
+    from wrpo_nemo import compat
+
+    with torch.no_grad(), compat.redirect_cuda_to_cpu():  # megatron's gather allocates on the CUDA device
         logits = packed_forward(model, tokens, causal_rows_params(*tokens.shape))
         logits = tensor_parallel.gather_from_tensor_model_parallel_region(logits)
     return logits[..., :VOCAB]

@@ -25,7 +25,9 @@ def single_process_megatron():
     dist.init_process_group(compat.default_backend(), rank=0, world_size=1)
     parallel_state.initialize_model_parallel(1, 1)
     compat.prepare_runtime(seed=1234)
-    yield
+    # Raw megatron (its own rotary embedding asks torch.cuda.current_device()): all of it is megatron code.
+    with compat.redirect_cuda_to_cpu():
+        yield
     parallel_state.destroy_model_parallel()
     dist.destroy_process_group()
 

@@ -26,13 +26,13 @@ def test_fp8_on_a_cpu_is_refused_naming_fp8(megatron_single_process):
 
 
 def test_fp8_without_transformer_engine_is_refused(monkeypatch):
-    monkeypatch.setattr(compat, "cuda_available", lambda: True)
+    monkeypatch.setattr(compat, "runtime", lambda: compat.Runtime(cuda=True, transformer_engine=False))
     with pytest.raises(ValueError, match="TransformerEngine is not installed"):
         builder.check_fp8("hybrid", use_te=False)
 
 
 def test_fp8_on_ampere_is_refused_naming_the_gpu_generation(monkeypatch):
-    monkeypatch.setattr(compat, "cuda_available", lambda: True)
+    monkeypatch.setattr(compat, "runtime", lambda: compat.Runtime(cuda=True, transformer_engine=False))
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
     with pytest.raises(ValueError, match=r"fp8='e4m3' needs compute capability >= 8\.9.*A800.*fp8=null"):
         builder.check_fp8("e4m3", use_te=True)
@@ -42,7 +42,7 @@ def test_fp8_on_ampere_is_refused_naming_the_gpu_generation(monkeypatch):
 
 def test_gpu_precision_defaults_to_bf16_and_cpu_to_fp32(monkeypatch):
     assert builder.params_dtype("auto") == torch.float32
-    monkeypatch.setattr(compat, "cuda_available", lambda: True)
+    monkeypatch.setattr(compat, "runtime", lambda: compat.Runtime(cuda=True, transformer_engine=False))
     assert builder.params_dtype("auto") == torch.bfloat16
 
 

@@ -22,6 +22,7 @@ from typing import Any
 
 import torch.distributed as dist
 
+from wrpo_nemo import compat
 from wrpo_nemo.checkpoint.atomic import replace_path
 from wrpo_nemo.models.config import ModelConfig
 
@@ -130,7 +131,8 @@ def save_model_checkpoint(
         shutil.rmtree(staging, ignore_errors=True)
         weights_dir(staging).mkdir(parents=True)
     _barrier()
-    dist_checkpointing.save(model_sharded_state_dict(model), str(weights_dir(staging)))
+    with compat.redirect_cuda_to_cpu():  # megatron's writer synchronizes CUDA
+        dist_checkpointing.save(model_sharded_state_dict(model), str(weights_dir(staging)))
     if _rank() == 0:
         write_model_config(staging, model_cfg)
         if hf_assets is not None:
@@ -147,7 +149,8 @@ def load_model_checkpoint(model, directory: str | Path) -> None:
     if not (path / "metadata.json").is_file():
         raise FileNotFoundError(f"{directory} has no dist checkpoint under {WEIGHTS_DIR}/")
     request = model_sharded_state_dict(model)
-    loaded = dist_checkpointing.load(request, str(path))
+    with compat.redirect_cuda_to_cpu():
+        loaded = dist_checkpointing.load(request, str(path))
     # A training checkpoint's common state (optimizer param groups, trainer state) comes back too: keep the model's.
     result = model.load_state_dict({k: v for k, v in loaded.items() if k in request}, strict=False)
     missing = [k for k in result.missing_keys if not k.endswith("_extra_state")]

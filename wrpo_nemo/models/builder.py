@@ -11,7 +11,6 @@ Parallel sizes come from ``parallel_state``, which must be initialised first
 
 from __future__ import annotations
 
-import functools
 from typing import Literal
 
 import torch
@@ -27,20 +26,9 @@ FP8_FORMATS = ("e4m3", "hybrid")
 _MIN_FP8_CAPABILITY = (8, 9)
 
 
-@functools.cache
-def transformer_engine_available() -> bool:
-    """Whether TransformerEngine and megatron's wrappers for it import on this machine."""
-    try:
-        import transformer_engine  # noqa: F401
-        from megatron.core.extensions import transformer_engine as _te  # noqa: F401
-    except Exception:  # TE raises more than ImportError when its CUDA libraries are missing.
-        return False
-    return True
-
-
 def use_transformer_engine() -> bool:
-    """The one decision between TransformerEngine layers and megatron's local layers."""
-    return compat.cuda_available() and transformer_engine_available()
+    """The one decision between TransformerEngine layers and megatron's local layers (``compat.runtime()``)."""
+    return compat.runtime().transformer_engine
 
 
 def select_layer_spec(use_te: bool, rotary: RotaryTable):
@@ -72,7 +60,7 @@ def check_fp8(fp8: str | None, use_te: bool) -> None:
         return
     if fp8 not in FP8_FORMATS:
         raise ValueError(f"fp8={fp8!r} is not one of {FP8_FORMATS} (or null)")
-    if not compat.cuda_available():
+    if not compat.runtime().cuda:
         raise ValueError("fp8 is set but there is no GPU: set fp8=null")
     if not use_te:
         raise ValueError("fp8 is set but TransformerEngine is not installed: set fp8=null or install it")
@@ -89,7 +77,7 @@ def params_dtype(precision: Precision) -> torch.dtype:
     if precision not in ("auto", "bf16", "fp32"):
         raise ValueError(f"precision={precision!r} is not one of auto, bf16, fp32")
     if precision == "auto":
-        return torch.bfloat16 if compat.cuda_available() else torch.float32
+        return compat.runtime().default_dtype
     return torch.bfloat16 if precision == "bf16" else torch.float32
 
 
@@ -148,7 +136,7 @@ def transformer_config(
         pipeline_dtype=dtype,
         bf16=dtype == torch.bfloat16,
         fp8=fp8,
-        use_cpu_initialization=not compat.cuda_available(),
+        use_cpu_initialization=compat.runtime().cpu_initialization,
         # Fused kernels exist only on the TransformerEngine path; the local path must run on a CPU. Rotary
         # embeddings are applied by the segment-aware attention (per-token positions), not megatron's rope.
         masked_softmax_fusion=False,

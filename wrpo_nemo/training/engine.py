@@ -88,7 +88,7 @@ def wrap_ddp(model):
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
         overlap_grad_reduce=False,
-        use_distributed_optimizer=compat.cuda_available(),
+        use_distributed_optimizer=compat.runtime().distributed_optimizer,
     )
     with compat.redirect_cuda_to_cpu():
         ddp = DistributedDataParallel(config=model.config, ddp_config=ddp_config, module=for_forward(model))
@@ -113,7 +113,7 @@ def build_optimizer(ddp_model, settings: OptimSettings, total_steps: int):
         clip_grad=settings.clip_grad,
         bf16=config.bf16,
         params_dtype=config.params_dtype,
-        use_distributed_optimizer=compat.cuda_available(),
+        use_distributed_optimizer=compat.runtime().distributed_optimizer,
     )
     with compat.redirect_cuda_to_cpu():
         optimizer = get_megatron_optimizer(opt_config, [ddp_model])
@@ -155,7 +155,8 @@ def run_schedule(
     forward_backward = get_forward_backward_func()
     with compat.redirect_cuda_to_cpu():
         # The model runs each micro-batch as one THD sequence of rows * seq_length tokens (batch 1): that is
-        # the activation shape pipeline stages exchange.
+        # the activation shape pipeline stages exchange. megatron's ``micro_batch_size`` below is that batch
+        # dimension (1), not the config's ``micro_batch_size``, which everywhere in wrpo_nemo counts prompts.
         return forward_backward(
             forward_step_func=forward_step,
             data_iterator=iter(micro_batches),

@@ -53,7 +53,7 @@ class Throughput:
         tokens = torch.tensor([float(local)], device=compat.device())
         dist.all_reduce(tokens, group=parallel_state.get_data_parallel_group())
         result = {"tokens_per_s": float(tokens.item()) / seconds, "step_time_s": seconds}
-        if compat.cuda_available():
+        if compat.runtime().cuda:
             per_gpu = float(tokens.item()) * self.flops_per_token / seconds / dist.get_world_size() / 1e12
             peak = compat.peak_bf16_tflops()
             result["tflops_per_gpu"] = per_gpu

@@ -34,6 +34,7 @@ from nemo_aligner.utils import parallel_state
 from nemo_aligner.utils.distributed import broadcast_2d_tensor, from_parallel_logits_to_logprobs
 from nemo_aligner.utils.train_utils import set_sync_funcs
 
+from wrpo_nemo import compat
 from wrpo_nemo.alpha import alpha_at
 from wrpo_nemo.integrations.nemo_aligner.config import WRPOLossConfig
 from wrpo_nemo.integrations.nemo_aligner.dataset import ROLES
@@ -58,11 +59,7 @@ UNPACKED_SEQUENCE_KEYS = (*ROLES, *(f"{role}_labels" for role in ROLES), "attent
 
 def device() -> torch.device:
     """Where batches and collectives live: the current GPU, or the CPU on a machine without CUDA (tests)."""
-    return (
-        torch.device("cuda", torch.cuda.current_device())
-        if torch.cuda.is_available()
-        else torch.device("cpu")
-    )
+    return compat.device()
 
 
 class MegatronGPTWRPOModel(MegatronGPTDPOModel):
