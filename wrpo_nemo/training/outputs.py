@@ -6,6 +6,7 @@ Only the logging rank (global rank 0) writes; every rank holds the same reduced 
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,7 @@ class MetricsLogger:
         tensorboard: bool,
         wandb_project: str | None,
         run_name: str,
+        start_step: int = 0,
     ) -> None:
         self.stage, self.total_steps, self.enabled = stage, total_steps, enabled
         self.log_interval = max(1, log_interval)
@@ -54,6 +56,7 @@ class MetricsLogger:
         if not enabled:
             return
         stage_dir.mkdir(parents=True, exist_ok=True)
+        _truncate(self.path, start_step)
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -100,6 +103,18 @@ class MetricsLogger:
             self._tb.close()
         if self._wandb is not None:
             self._wandb.finish()
+
+
+def _truncate(path: Path, start_step: int) -> None:
+    """Keep only the records of steps up to ``start_step`` (where a resumed run continues; 0 for a fresh one),
+    so a resume after a crash never writes a (split, step) twice. Atomic: a new file renamed over the old."""
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text(encoding="utf-8").splitlines(keepends=True) if line.strip()]
+    kept = [line for line in kept if json.loads(line).get("step", 0) <= start_step]
+    staging = path.with_name(f".{path.name}.partial")
+    staging.write_text("".join(kept), encoding="utf-8")
+    os.replace(staging, path)
 
 
 def _duration(seconds: float) -> str:

@@ -22,10 +22,12 @@ from wrpo_nemo import compat
 from wrpo_nemo.checkpoint.model import load_model_checkpoint, weights_dir
 from wrpo_nemo.data.loader import PackedBatchLoader
 from wrpo_nemo.training import checkpoint as ckpt
+from wrpo_nemo.training import plan
 from wrpo_nemo.training.config import ConfigError, RunConfig, StageSection
 from wrpo_nemo.training.engine import build_model, build_optimizer, for_forward, wrap_ddp
 from wrpo_nemo.training.loop import Evaluator, Throughput, TrainLoop, collect_state, every, restore_state
 from wrpo_nemo.training.outputs import MetricsLogger, model_flops_per_token
+from wrpo_nemo.training.plan import StagePlan
 from wrpo_nemo.training.reference import precomputed_reference
 from wrpo_nemo.training.setup import RunInputs
 from wrpo_nemo.training.stages import Reference, SFTStage, Stage, WRPOStage
@@ -176,6 +178,17 @@ def _finished(latest: Path | None) -> dict | None:
     return state if state.get("finished") else None
 
 
+def _extended(done: dict, section: StageSection, stage: str) -> bool:
+    """Whether a finished stage's checkpoint is now planned to go on (a larger max_steps or more epochs); a
+    plan shorter than the steps it completed is refused (:func:`plan.reconcile`)."""
+    saved = done.get("plan")
+    if saved is None:
+        return False
+    new = StagePlan(saved["steps_per_epoch"], section.epochs, section.max_steps, section.optim)
+    plan.reconcile(None, new, done["step"], stage)
+    return new.total_steps > done["step"]
+
+
 class StageRunner:
     """The parts of one configured stage; :meth:`run` trains it to its end or to a preemption."""
 
@@ -189,8 +202,8 @@ class StageRunner:
         self.stage = build_stage(cfg, name, inputs, start, self.ddp, device)
         logps = getattr(getattr(self.stage, "reference", None), "logps", None)
         self.loader = build_loader(cfg, section, name, inputs, inputs.splits[name], dp, logps)
-        total = self.loader.steps_per_epoch * section.epochs
-        total = min(total, section.max_steps) if section.max_steps else total
+        self.plan = StagePlan(self.loader.steps_per_epoch, section.epochs, section.max_steps, section.optim)
+        total = self.plan.total_steps
         self.optimizer, scheduler = build_optimizer(self.ddp, section.optim, total)
         online = getattr(getattr(self.stage, "reference", None), "model", None) is not None
         throughput = Throughput(
@@ -205,11 +218,19 @@ class StageRunner:
         self.metrics: dict[str, float] = {}
 
     def resume_from(self, path: Path) -> None:
+        """Continue from a training checkpoint: weights, optimizer, data position and RNG as saved; the plan
+        (length, optimizer settings) as configured where it may change (:mod:`wrpo_nemo.training.plan`)."""
         state = ckpt.load_training_checkpoint(path, self.model, self.optimizer)
         try:
             restore_state(self._stateful(), state)
         except ValueError as exc:  # the data settings changed since the checkpoint: a config error (exit 2)
             raise ConfigError(f"cannot resume {path}: {exc}") from None
+        changes = plan.reconcile(state.get("plan"), self.plan, self.loop.step, self.name)
+        plan.apply(self.plan, self.optimizer, self.loop.scheduler)
+        self.loop.total_steps = self.plan.total_steps
+        if changes and dist.get_rank() == 0:
+            for line in changes:
+                print(f"[{self.name}] resume with a changed plan: {line}", flush=True)
 
     def _stateful(self) -> dict[str, Any]:
         return {"": self.loop, "data": self.loader}
@@ -220,6 +241,7 @@ class StageRunner:
             **self.stage.state_dict(),
             "finished": finished,
             "final_metrics": self.metrics,
+            "plan": self.plan.to_dict(),
         }
         path = ckpt.save_training_checkpoint(
             self.stage_dir, self.loop.step, self.model, self.optimizer, state, self.inputs.model_cfg,
@@ -243,7 +265,7 @@ class StageRunner:
         logger = MetricsLogger(
             self.stage_dir, self.name, self.loop.total_steps, enabled=dist.get_rank() == 0,
             log_interval=log.log_interval, tensorboard=log.tensorboard, wandb_project=log.wandb_project,
-            run_name=Path(self.cfg.run_dir).name,
+            run_name=Path(self.cfg.run_dir).name, start_step=self.loop.step,
         )  # fmt: skip
 
         def record(loop: TrainLoop, metrics: dict[str, float]) -> None:
@@ -274,7 +296,7 @@ def run_stage(
 ) -> StageResult:
     """Train one stage to its end (or to a preemption); a finished stage on resume is only reported."""
     latest = ckpt.latest_checkpoint(Path(cfg.run_dir) / stage) if cfg.checkpoint.resume else None
-    if (done := _finished(latest)) is not None:
+    if (done := _finished(latest)) is not None and not _extended(done, getattr(cfg, stage), stage):
         return StageResult(
             str(latest), done["step"], done.get("final_metrics", {}), reference=done.get("reference")
         )
