@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 
 from wrpo_nemo import compat
-from wrpo_nemo.checkpoint.atomic import replace_path
+from wrpo_nemo.checkpoint.atomic import remove_tree, replace_path
 from wrpo_nemo.checkpoint.model import (
     copy_hf_assets,
     model_sharded_state_dict,
@@ -72,6 +72,48 @@ def _barrier() -> None:
         dist.barrier()
 
 
+class CheckpointSaveError(RuntimeError):
+    """A checkpoint could not be written; the message says why (disk space named when it is the cause) and
+    which complete checkpoint remains."""
+
+
+LOW_SPACE_FRACTION = 0.01
+"""A save failing with less free space than this share of the disk (or less than the previous checkpoint's
+size) is reported as a full disk: writers such as torch's zip writer report it as e.g. ``unexpected pos``."""
+
+
+def _tree_size(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else 0
+
+
+def _save_failure(exc: BaseException, stage_dir: Path, final: Path) -> CheckpointSaveError:
+    import errno
+
+    root = checkpoint_root(stage_dir)
+    previous = [p for p in list_checkpoints(stage_dir) if p != final]
+    kept = f"the last complete checkpoint, {previous[-1]}, is intact" if previous else "no earlier checkpoint"
+    usage = shutil.disk_usage(root if root.exists() else stage_dir)
+    needed = _tree_size(previous[-1]) if previous else 0
+    no_space = any(
+        isinstance(e, OSError) and e.errno == errno.ENOSPC for e in _causes(exc)
+    ) or usage.free < max(needed, LOW_SPACE_FRACTION * usage.total)
+    if no_space:
+        return CheckpointSaveError(
+            f"saving checkpoint {final} failed: the disk is full ({usage.free / 2**20:.0f} MiB free of "
+            f"{usage.total / 2**30:.1f} GiB; the previous checkpoint takes {needed / 2**20:.0f} MiB). Free space "
+            f"or point run_dir elsewhere, then resume; {kept}. ({type(exc).__name__}: {exc})"
+        )
+    return CheckpointSaveError(f"saving checkpoint {final} failed: {type(exc).__name__}: {exc}; {kept}")
+
+
+def _causes(exc: BaseException):
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        yield exc
+        exc = exc.__cause__ or exc.__context__
+
+
 def save_training_checkpoint(
     stage_dir: str | Path,
     step: int,
@@ -97,17 +139,36 @@ def save_training_checkpoint(
     state = model_sharded_state_dict(model)
     state[OPTIMIZER_KEY] = optimizer.sharded_state_dict(model_sharded_state_dict(model))
     state[TRAINER_KEY] = {**trainer_state, "rng": _rng_state()}
-    with compat.redirect_cuda_to_cpu():
-        dist_checkpointing.save(state, str(weights_dir(staging)))
-    if rank == 0:
-        write_model_config(staging, model_cfg)
-        if hf_assets is not None and Path(hf_assets).is_dir():
-            copy_hf_assets(hf_assets, staging / "hf_assets")
-        replace_path(staging, final)
-        for old in list_checkpoints(stage_dir)[:-keep_last] if keep_last > 0 else []:
-            shutil.rmtree(old, ignore_errors=True)
+    failure = None
+    try:
+        with compat.redirect_cuda_to_cpu():
+            dist_checkpointing.save(state, str(weights_dir(staging)))
+        if rank == 0:
+            write_model_config(staging, model_cfg)
+            if hf_assets is not None and Path(hf_assets).is_dir():
+                copy_hf_assets(hf_assets, staging / "hf_assets")
+            replace_path(staging, final)  # flushed to disk, then published
+    except Exception as exc:
+        failure = _save_failure(exc, Path(stage_dir), final)
+        if rank == 0:
+            shutil.rmtree(staging, ignore_errors=True)
+    if _any_rank(failure is not None):
+        raise failure or CheckpointSaveError(f"saving checkpoint {final} failed on another rank")
+    if rank == 0 and keep_last > 0:
+        # Renamed out of the way before deletion: a crash never leaves a half-deleted step_N behind.
+        for old in list_checkpoints(stage_dir)[:-keep_last]:
+            remove_tree(old)
     _barrier()
     return final
+
+
+def _any_rank(flag: bool) -> bool:
+    """Whether ``flag`` holds on any rank (a collective; ``flag`` itself without a process group)."""
+    if not dist.is_initialized():
+        return flag
+    value = torch.tensor([1.0 if flag else 0.0], device=compat.device())
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
 
 
 def load_training_checkpoint(path: str | Path, model, optimizer) -> dict[str, Any]:

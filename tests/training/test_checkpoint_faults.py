@@ -1,0 +1,70 @@
+"""Checkpoint writes that fail: a full disk is named as such, and the last complete checkpoint stays usable."""
+
+import shutil
+from collections import namedtuple
+
+import pytest
+
+from tests.training.test_resume_plan import _config, _restore_signal_handlers  # noqa: F401 (fixture)
+from wrpo_nemo.pipeline import run
+from wrpo_nemo.training import checkpoint as ckpt
+
+Usage = namedtuple("Usage", "total used free")
+
+
+def test_a_save_failing_on_a_full_disk_says_so_and_leaves_the_last_checkpoint_intact(tmp_path, monkeypatch):
+    from megatron.core import dist_checkpointing
+
+    real_save = dist_checkpointing.save
+    calls = []
+
+    def save(state, path, *args, **kwargs):
+        calls.append(path)
+        if len(calls) == 2:  # the second save (step 4): torch's zip writer on a full disk
+            real_save(state, path, *args, **kwargs)
+            raise RuntimeError("[enforce fail at inline_container.cc:626] . unexpected pos 704 vs 598")
+        return real_save(state, path, *args, **kwargs)
+
+    monkeypatch.setattr(dist_checkpointing, "save", save)
+    monkeypatch.setattr(ckpt.shutil, "disk_usage", lambda path: Usage(10 * 2**30, 10 * 2**30 - 2**20, 2**20))
+    with pytest.raises(ckpt.CheckpointSaveError) as raised:
+        run(_config(tmp_path, max_steps=6))
+    message = str(raised.value)
+    assert "step_0000004" in message and "the disk is full" in message and "1 MiB free" in message
+    assert "step_0000002, is intact" in message and "unexpected pos 704 vs 598" in message
+    root = ckpt.checkpoint_root(tmp_path / "sft")
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path / "sft")] == ["step_0000002"]
+    assert not [p.name for p in root.iterdir() if p.name.startswith(".")], "a staging folder was left behind"
+
+    # The disk has room again: the run resumes from step 2 and finishes.
+    monkeypatch.setattr(dist_checkpointing, "save", real_save)
+    monkeypatch.setattr(ckpt.shutil, "disk_usage", shutil.disk_usage)
+    assert run(_config(tmp_path, max_steps=6))["sft"].steps == 6
+
+
+def test_old_checkpoints_are_renamed_before_deletion_and_hidden_leftovers_are_never_listed(tmp_path):
+    root = ckpt.checkpoint_root(tmp_path)
+    for name in ("step_0000002", "step_0000004", ".step_0000006.partial", ".step_0000001.deleting-abcd1234"):
+        (root / name / "weights").mkdir(parents=True)
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["step_0000002", "step_0000004"]
+    from wrpo_nemo.checkpoint.atomic import remove_tree
+
+    renamed = []
+    real_rename = ckpt.os.rename if hasattr(ckpt, "os") else None
+    import os
+
+    def spy(src, dst):
+        renamed.append((str(src), str(dst)))
+        return os.replace(src, dst)
+
+    import wrpo_nemo.checkpoint.atomic as atomic
+
+    original = atomic.os.rename
+    atomic.os.rename = spy
+    try:
+        remove_tree(root / "step_0000002")
+    finally:
+        atomic.os.rename = original
+    assert real_rename is None or callable(real_rename)
+    assert renamed and renamed[0][0].endswith("step_0000002") and ".step_0000002.deleting-" in renamed[0][1]
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["step_0000004"]
