@@ -3,38 +3,46 @@
 Runs the stages of the config (``sft`` then ``wrpo`` by default), then exports each stage's final weights
 to a Hugging Face folder. Launch with ``torchrun --nproc-per-node N`` for tensor, pipeline and data
 parallelism; one plain process runs the whole thing on a CPU machine.
+
+A bad config (a misspelt key, a wrong type, a value that cannot run on this world size) stops before anything
+is written: ``config error: ...`` naming the key, exit status 2.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import sys
 
 import hydra
-from hydra.core.config_store import ConfigStore
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from wrpo_nemo.training.config import ConfigError, RunConfig, load_run_config
+from wrpo_nemo.training.cli import CONFIG_ERROR_EXIT, check_here, preflight, register_schema, to_run_config
+from wrpo_nemo.training.config import ConfigError
 
-# Every key of the schema, with its default, under the name the configs in conf/ list first in their
-# defaults: any key can be overridden from the command line, and a misspelt one is refused by Hydra.
-ConfigStore.instance().store(name="wrpo_schema", node=OmegaConf.create(dataclasses.asdict(RunConfig())))
+CONFIG_PATH, CONFIG_NAME = "../conf", "wrpo_tiny"
+
+# Every key of the typed schema, with its type and default, under the name the configs in conf/ list first in
+# their defaults: any key can be overridden from the command line; a misspelt key or a wrong type is refused
+# by Hydra at composition, naming the key.
+register_schema()
 
 
-@hydra.main(config_path="../conf", config_name="wrpo_tiny", version_base=None)
+@hydra.main(config_path=CONFIG_PATH, config_name=CONFIG_NAME, version_base=None)
 def main(cfg: DictConfig) -> None:
     try:
-        run_cfg = load_run_config(OmegaConf.to_container(cfg, resolve=True))
+        run_cfg = to_run_config(cfg)
+        check_here(run_cfg)  # again for the runs preflight leaves to Hydra (a multirun's jobs)
         from wrpo_nemo.pipeline import run
 
         results = run(run_cfg)
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(CONFIG_ERROR_EXIT)
     for stage, result in results.items():
         state = "preempted" if result.preempted else "done"
         print(f"[{stage}] {state} after {result.steps} steps; checkpoint {result.checkpoint}")
 
 
 if __name__ == "__main__":
+    # Every check before Hydra creates its output folder in run_dir (exit 2 on a bad config).
+    preflight(sys.argv[1:], __file__, CONFIG_PATH, CONFIG_NAME)
     main()

@@ -26,14 +26,17 @@ class AlphaSchedule:
     """For ``linear_until``: the fraction of the run's optimizer steps over which alpha ramps up."""
 
     def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self, prefix: str = "") -> None:
+        """Raise ``ValueError`` naming the offending field, written as ``prefix + field`` (the run config
+        passes ``wrpo.alpha.``)."""
         if self.kind not in ("linear", "constant", "linear_until"):
-            raise ValueError(
-                f"alpha_schedule.kind must be linear, constant or linear_until, got {self.kind!r}"
-            )
+            raise ValueError(f"{prefix}kind must be linear, constant or linear_until, got {self.kind!r}")
         if not 0.0 <= self.alpha_max <= 1.0:
-            raise ValueError(f"alpha_schedule.alpha_max must lie in [0, 1], got {self.alpha_max}")
+            raise ValueError(f"{prefix}alpha_max must lie in [0, 1], got {self.alpha_max}")
         if not 0.0 < self.ramp_fraction <= 1.0:
-            raise ValueError(f"alpha_schedule.ramp_fraction must lie in (0, 1], got {self.ramp_fraction}")
+            raise ValueError(f"{prefix}ramp_fraction must lie in (0, 1], got {self.ramp_fraction}")
 
 
 def alpha_at(step: int, total_steps: int, schedule: AlphaSchedule) -> float:

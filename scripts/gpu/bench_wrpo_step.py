@@ -79,13 +79,13 @@ def llama3_8b_shaped(layers: int, **overrides: int) -> ModelConfig:
 
 
 def _sync() -> None:
-    if compat.cuda_available():
+    if compat.runtime().cuda:
         torch.cuda.synchronize()
 
 
 def measure_matmul_tflops(size: int, iters: int = 50) -> tuple[float, str]:
     """Achieved TFLOP/s of a square matmul (bf16 on a GPU; fp32 on a CPU, where bf16 GEMMs are emulated)."""
-    dtype = torch.bfloat16 if compat.cuda_available() else torch.float32
+    dtype = torch.bfloat16 if compat.runtime().cuda else torch.float32
     a = torch.randn(size, size, dtype=dtype, device=compat.device())
     b = torch.randn(size, size, dtype=dtype, device=compat.device())
     for _ in range(3):
@@ -117,8 +117,8 @@ def time_wrpo_steps(cfg: ModelConfig, batches: list[PackedBatch], steps: int, wa
     from wrpo_nemo.training.step import WrpoLossSettings
 
     device = compat.device()
-    model = build_model(cfg, precision="bf16" if compat.cuda_available() else "fp32")
-    if compat.cuda_available():
+    model = build_model(cfg, precision="bf16" if compat.runtime().cuda else "fp32")
+    if compat.runtime().cuda:
         model = model.cuda()
     ddp = wrap_ddp(model)
     optimizer, scheduler = build_optimizer(ddp, OptimSettings(lr=1e-6), total_steps=steps + warmup)
@@ -142,7 +142,7 @@ def time_wrpo_steps(cfg: ModelConfig, batches: list[PackedBatch], steps: int, wa
         losses.append(metrics["loss"])
         if step >= warmup:
             elapsed += time.perf_counter() - start
-    memory = torch.cuda.max_memory_allocated() / 2**30 if compat.cuda_available() else float("nan")
+    memory = torch.cuda.max_memory_allocated() / 2**30 if compat.runtime().cuda else float("nan")
     return {"seconds": elapsed, "losses": losses, "peak_memory_gib": memory,
             "params": sum(p.numel() for p in model.parameters())}  # fmt: skip
 
@@ -173,7 +173,7 @@ def benchmark(args: argparse.Namespace) -> dict:
     tflops = flops_per_token * tokens_per_s / 1e12
     vendor = compat.peak_bf16_tflops()
     return {
-        "device": torch.cuda.get_device_name() if compat.cuda_available() else "cpu",
+        "device": torch.cuda.get_device_name() if compat.runtime().cuda else "cpu",
         "torch": torch.__version__,
         "model": f"{cfg.num_layers} layers, hidden {cfg.hidden_size}, heads {cfg.num_attention_heads}/"
         f"{cfg.num_query_groups}, ffn {cfg.ffn_hidden_size}, vocab {cfg.vocab_size}",

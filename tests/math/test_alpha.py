@@ -36,9 +36,9 @@ def test_schedule_is_monotone_and_bounded():
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        (dict(kind="cosine"), "alpha_schedule.kind"),
-        (dict(alpha_max=1.5), "alpha_schedule.alpha_max"),
-        (dict(kind="linear_until", ramp_fraction=0.0), "alpha_schedule.ramp_fraction"),
+        (dict(kind="cosine"), "^kind must be"),
+        (dict(alpha_max=1.5), "^alpha_max must lie"),
+        (dict(kind="linear_until", ramp_fraction=0.0), "^ramp_fraction must lie"),
     ],
 )
 def test_invalid_schedules_name_the_key(kwargs, match):

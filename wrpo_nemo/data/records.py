@@ -81,6 +81,14 @@ class ReadConfig:
     hub_revision: str | None = None
     """Commit or tag of a hub dataset; pin it, since the cache key of a hub source is its name and this."""
 
+    def validate(self, prefix: str = "") -> None:
+        """Raise ``ValueError`` naming the offending key, written as ``prefix + field`` (the run config
+        passes ``data.source.read.``)."""
+        if self.layout not in ("released", "explicit"):
+            raise ValueError(f"{prefix}layout must be 'released' or 'explicit', got {self.layout!r}")
+        if self.on_invalid not in ("error", "skip"):
+            raise ValueError(f"{prefix}on_invalid must be 'error' or 'skip', got {self.on_invalid!r}")
+
 
 @dataclass
 class DataReport:
@@ -309,7 +317,7 @@ def parse_record(record: Any, where: str, cfg: ReadConfig) -> Example:
         columns = (cfg.source_chosen_column, cfg.target_chosen_column, cfg.rejected_column)
         ys = [_response(_need(record, c, where), where, c, given) for c in columns]
     else:
-        raise ValueError(f"data.layout must be 'released' or 'explicit', got {cfg.layout!r}")
+        raise ValueError(f"layout must be 'released' or 'explicit', got {cfg.layout!r}")
     if cfg.prompt_id_column is None:
         prompt_id = prompt_hash(prompt)
     else:
@@ -324,8 +332,7 @@ def parse_record(record: Any, where: str, cfg: ReadConfig) -> Example:
 
 def read_examples(sources: list[str], cfg: ReadConfig) -> tuple[list[Example], DataReport]:
     """Read and check every record of ``sources`` in order; see :class:`ReadConfig` for the policy."""
-    if cfg.on_invalid not in ("error", "skip"):
-        raise ValueError(f"data.on_invalid must be 'error' or 'skip', got {cfg.on_invalid!r}")
+    cfg.validate()
     report = DataReport()
     examples: list[Example] = []
     seen: set[str] = set()

@@ -26,11 +26,12 @@ class SplitConfig:
     salt: str = "wrpo-split"
     """Mixed into the hash; change it to draw a different, still deterministic, split."""
 
-    def validate(self) -> None:
+    def validate(self, prefix: str = "data.split.") -> None:
+        """Raise ``ValueError`` naming the offending key, written as ``prefix + field``."""
         for name in ("eval_fraction", "sft_fraction"):
             value = getattr(self, name)
             if not 0.0 <= value < 1.0:
-                raise ValueError(f"data.split.{name} must lie in [0, 1), got {value}")
+                raise ValueError(f"{prefix}{name} must lie in [0, 1), got {value}")
 
 
 def unit_hash(prompt_id: str, salt: str) -> float:

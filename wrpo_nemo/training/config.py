@@ -1,14 +1,18 @@
 """The run configuration: one typed schema, checked before anything is built.
 
-Hydra composes ``conf/<name>.yaml`` with the command line's ``key=value`` overrides; :func:`load_run_config`
-turns the result into these dataclasses, refusing unknown keys and wrong types with the dotted key's name,
-and :func:`validate_layout` refuses impossible layouts (heads or query groups vs TP, layers vs PP, global
-batch vs micro batch x DP, rows too short for one prompt's three responses, FP8 without support).
+Hydra composes ``conf/<name>.yaml`` with the command line's ``key=value`` overrides over
+:func:`structured_schema` (this schema as an OmegaConf structured config), so a misspelt key, a wrong type or
+a value outside a fixed set of choices fails at composition, naming the key; :func:`load_run_config` turns the
+result into these dataclasses (the same checks, for mappings from elsewhere), and
+:mod:`wrpo_nemo.training.validate` checks the values against each other, the world size and the model before
+anything is written.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import enum
+import functools
 import types
 import typing
 from dataclasses import dataclass, field
@@ -220,7 +224,11 @@ def _convert(value: Any, hint: Any, key: str) -> Any:
 
 
 def build_dataclass(cls: type, data: Any, key: str = "") -> Any:
-    """Build dataclass ``cls`` from a mapping, recursively; unknown keys and wrong types name the key."""
+    """Build dataclass ``cls`` from a mapping, recursively; unknown keys and wrong types name the key.
+
+    A class with ``validate(prefix)`` (alpha schedule, read, tokenize and split settings) is checked before it
+    is built, its messages naming ``key.field``.
+    """
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -234,20 +242,99 @@ def build_dataclass(cls: type, data: Any, key: str = "") -> Any:
     kwargs = {
         name: _convert(value, hints[name], f"{key}.{name}" if key else name) for name, value in data.items()
     }
+    check = getattr(cls, "validate", None)
+    if check is not None:
+        # A section with ``validate(prefix)`` is checked under its dotted key before it is built: checks of
+        # its own construction (AlphaSchedule's) would name the field alone.
+        values = {f.name: getattr(_defaults(cls), f.name) for f in dataclasses.fields(cls)} | kwargs
+        try:
+            check(types.SimpleNamespace(**values), prefix=f"{key}." if key else "")
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
     try:
         return cls(**kwargs)
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"{key or 'config'}: {exc}") from exc
 
 
+@functools.cache
+def _defaults(cls: type) -> Any:
+    return cls()
+
+
 def load_run_config(data: dict[str, Any]) -> RunConfig:
-    """The typed run config of a plain mapping (Hydra's composed config, ``hydra`` key removed)."""
-    cfg = build_dataclass(RunConfig, {k: v for k, v in data.items() if k not in ("hydra", "defaults")})
-    for stage in cfg.stages:
-        if stage not in ("sft", "wrpo"):
-            raise ConfigError(f"stages may hold 'sft' and 'wrpo', got {stage!r}")
-    try:  # before anything (the toy data, the cache) is written
-        cfg.data.source.tokenize.validate(prefix="data.source.tokenize.")
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from None
-    return cfg
+    """The typed run config of a plain mapping (Hydra's composed config, ``hydra`` key removed).
+
+    Unknown keys and wrong types raise :class:`ConfigError` naming the dotted key; the values are checked
+    against each other by :func:`wrpo_nemo.training.validate.validate_config`.
+    """
+    return build_dataclass(RunConfig, {k: v for k, v in data.items() if k not in ("hydra", "defaults")})
+
+
+# ---------------------------------------------------------------------------------- Hydra's structured schema
+
+
+def _structured_type(hint: Any, name: str) -> Any:
+    """The OmegaConf-supported type of ``hint``: a ``Literal`` of strings becomes an Enum of the same names
+    (OmegaConf has no ``Literal``; an Enum node refuses other values at composition, naming the key)."""
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        values = typing.get_args(hint)
+        if not all(isinstance(v, str) for v in values):
+            return Any  # checked by load_run_config
+        return enum.Enum(name, {v: v for v in values})
+    if origin in (typing.Union, types.UnionType):
+        options = [o for o in typing.get_args(hint) if o is not type(None)]
+        if len(options) != 1:
+            return Any  # OmegaConf 2.3 has no unions: load_run_config checks them
+        inner = _structured_type(options[0], name)
+        return inner | None if type(None) in typing.get_args(hint) else inner
+    if origin is list:
+        (item,) = typing.get_args(hint) or (Any,)
+        return list[_structured_type(item, name)]
+    if dataclasses.is_dataclass(hint):
+        return _structured_class(hint)
+    return hint
+
+
+@functools.cache
+def _structured_class(cls: type) -> type:
+    """A plain (mutable, unchecked) copy of dataclass ``cls`` with OmegaConf-supported field types."""
+    hints = typing.get_type_hints(cls)
+    fields = [
+        (f.name, _structured_type(hints[f.name], f"{cls.__name__}_{f.name}"), dataclasses.field(default=None))
+        for f in dataclasses.fields(cls)
+        if f.init
+    ]
+    return dataclasses.make_dataclass(cls.__name__, fields)
+
+
+def _structured_value(value: Any, hint: Any) -> Any:
+    if dataclasses.is_dataclass(value):
+        return _structured_instance(value)
+    if isinstance(hint, type) and issubclass(hint, enum.Enum):
+        return hint[value]
+    if typing.get_origin(hint) is list:
+        (item,) = typing.get_args(hint)
+        return [_structured_value(v, item) for v in value]
+    if typing.get_origin(hint) in (typing.Union, types.UnionType) and value is not None:
+        (inner,) = [o for o in typing.get_args(hint) if o is not type(None)]
+        return _structured_value(value, inner)
+    return value
+
+
+def _structured_instance(obj: Any) -> Any:
+    cls = _structured_class(type(obj))
+    hints = typing.get_type_hints(cls)
+    return cls(
+        **{f.name: _structured_value(getattr(obj, f.name), hints[f.name]) for f in dataclasses.fields(cls)}
+    )
+
+
+def structured_schema() -> Any:
+    """:class:`RunConfig`'s defaults as an OmegaConf structured config for Hydra's ConfigStore: every key with
+    its type, ``Literal`` choices as Enums of the same names. Convert the composed config back with
+    ``enum_to_str=True`` for :func:`load_run_config`."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.structured(_structured_instance(RunConfig()))

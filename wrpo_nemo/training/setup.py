@@ -13,9 +13,9 @@ import torch.distributed as dist
 
 from wrpo_nemo import compat
 from wrpo_nemo.data.cache import TokenizedDataset, build_or_load
-from wrpo_nemo.data.layout import check_layout
 from wrpo_nemo.models.config import ModelConfig
 from wrpo_nemo.training.config import ConfigError, RunConfig
+from wrpo_nemo.training.validate import validate_config, validate_model
 
 
 @dataclass
@@ -30,8 +30,11 @@ class RunInputs:
     """An HF folder whose tokenizer and configs are copied into checkpoints and exports."""
 
 
-def resolve_model_config(cfg: RunConfig, tokenizer: Any) -> ModelConfig:
-    """The architecture: from ``model.hf_path``, a checkpoint's config, or a preset sized to the tokenizer."""
+def resolve_model_config(cfg: RunConfig, tokenizer: Any | None) -> ModelConfig:
+    """The architecture: from ``model.hf_path``, a checkpoint's config, or a preset sized to the tokenizer.
+
+    With ``tokenizer=None`` (start-up checks, before the toy tokenizer exists) a preset keeps its own vocabulary.
+    """
     from wrpo_nemo.checkpoint.model import read_model_config
     from wrpo_nemo.models import get_preset, model_config_from_hf
 
@@ -45,52 +48,18 @@ def resolve_model_config(cfg: RunConfig, tokenizer: Any) -> ModelConfig:
         preset = get_preset(cfg.model.preset)
     except KeyError as exc:
         raise ConfigError(f"model.preset: {exc.args[0]}") from None
-    if cfg.data.toy:
+    if cfg.data.toy and tokenizer is not None:
         # The toy task's word-level vocabulary is tiny; the preset's embedding follows it.
         return dataclasses.replace(preset, vocab_size=len(tokenizer))
     return preset
 
 
 def validate_layout(cfg: RunConfig, model_cfg: ModelConfig, world_size: int) -> int:
-    """Refuse a layout that cannot run, naming the key; returns the data-parallel size."""
-    p = cfg.parallel
-    model_parallel = p.tensor * p.pipeline * p.context
-    if min(p.tensor, p.pipeline, p.context) < 1:
-        raise ConfigError("parallel.tensor, parallel.pipeline and parallel.context must be >= 1")
-    if world_size % model_parallel:
-        raise ConfigError(
-            f"parallel.tensor x parallel.pipeline x parallel.context = {model_parallel} does not divide the "
-            f"{world_size} launched processes"
-        )
-    try:
-        model_cfg.check_parallel_layout(p.tensor, p.pipeline)
-    except ValueError as exc:
-        raise ConfigError(f"{exc} (parallel.tensor={p.tensor}, parallel.pipeline={p.pipeline})") from None
-    if p.context > 1:
-        raise ConfigError(
-            f"parallel.context={p.context}: context parallelism is not supported (packed THD rows are not split "
-            "across context-parallel ranks); set parallel.context=1 and use parallel.tensor/pipeline instead"
-        )
-    try:
-        check_layout(cfg.data.layout)
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from None
-    if cfg.model.fp8 and not compat.cuda_available():
-        raise ConfigError("model.fp8 is set but there is no GPU: set model.fp8=null")
-    dp = world_size // model_parallel
-    tok = cfg.data.source.tokenize
-    for stage in cfg.stages:
-        section = getattr(cfg, stage)
-        if section.global_batch_size % (section.micro_batch_size * dp):
-            raise ConfigError(
-                f"{stage}.global_batch_size={section.global_batch_size} is not a multiple of "
-                f"{stage}.micro_batch_size={section.micro_batch_size} x data-parallel size {dp}"
-            )
-    if "wrpo" in cfg.stages and tok.seq_length < 3 * tok.max_length:
-        raise ConfigError(
-            f"data.source.tokenize.seq_length={tok.seq_length} cannot hold one prompt with its three responses "
-            f"(3 x data.source.tokenize.max_length = {3 * tok.max_length}): raise seq_length or lower max_length"
-        )
+    """Every start-up check (:mod:`wrpo_nemo.training.validate`) on the resolved model; returns the
+    data-parallel size. The recipe has already run them before writing anything; this keeps :func:`run` safe
+    for other callers."""
+    dp = validate_config(cfg, world_size, compat.runtime().cuda)
+    validate_model(cfg, model_cfg)
     return dp
 
 
