@@ -3,12 +3,18 @@ the data report beside it; reference log-probs keyed by the model identity."""
 
 import json
 import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
 
+import datasets
 import numpy as np
 import pytest
 
 from wrpo_nemo.data import cache as cache_mod
-from wrpo_nemo.data.cache import DataConfig, build_or_load
+from wrpo_nemo.data.cache import DataConfig, build_or_load, cache_key
 from wrpo_nemo.data.records import DataError, ReadConfig, read_examples
 from wrpo_nemo.data.reference import load_reference_logps, save_reference_logps
 from wrpo_nemo.data.tokenize import TokenizeConfig, eot_token_id, tokenize_example
@@ -117,15 +123,19 @@ def test_report_beside_the_cache_counts_skips_duplicates_and_length_drops(
     eot_inside = released(2)
     eot_inside["rejected"][0]["content"] = "no <|eot_id|>"
     rows = [short, long_answer, eot_inside, "{broken", short]
-    cfg = _cfg(tmp_path, [write_jsonl(rows)], read=ReadConfig(on_invalid="skip"))
+    path = write_jsonl(rows)
+    cfg = _cfg(tmp_path, [path], read=ReadConfig(on_invalid="skip"))
     dataset = build_or_load(cfg, toy_tokenizer)
     with open(os.path.join(dataset.path, "report.json")) as handle:
         report = json.load(handle)
     assert report == dataset.report
-    assert report["records_read"] == 5 and report["examples_kept"] == 2
-    assert report["skipped_by_cause"] == {"invalid_json": 1, "contains_eot": 1}
+    assert report["records_read"] == 5 and report["examples_kept"] == 1
+    assert report["skipped_by_cause"] == {"invalid_json": 1, "contains_eot": 1, "duplicate_prompt_id": 1}
     assert report["dropped_by_length"] == {"response_too_long": 1}
     assert report["duplicate_prompt_ids"] == 1
+    assert report["duplicate_prompt_id_locations"] == [
+        f"{path}: line 5 (prompt id 'p0', first at {path}: line 1)"
+    ]
 
 
 def test_truncation_is_counted_in_the_report(tmp_path, toy_tokenizer, write_jsonl, released):
@@ -152,3 +162,113 @@ def test_reference_logps_of_wrong_shape_or_not_finite_are_refused(tmp_path):
     with pytest.raises(ValueError, match="NaN"):
         save_reference_logps(str(tmp_path), "m", np.full((4, 3), np.nan))
     assert not os.path.exists(tmp_path / "reference_logps" / "m.npy")
+
+
+def test_key_is_the_content_not_the_path_or_the_mtime(tmp_path, toy_tokenizer, write_jsonl, released):
+    path = write_jsonl([released(i) for i in range(3)])
+    key, _ = cache_key(_cfg(tmp_path, [path]), toy_tokenizer)
+    moved = tmp_path / "elsewhere" / "data.jsonl"
+    moved.parent.mkdir()
+    shutil.copyfile(path, moved)
+    os.utime(moved, (1_000_000_000, 1_000_000_000))
+    assert cache_key(_cfg(tmp_path, [str(moved)]), toy_tokenizer)[0] == key
+    raw = bytearray(moved.read_bytes())
+    raw[raw.index(b"Rome")] = ord(b"D")  # one byte, same size, mtime put back
+    moved.write_bytes(bytes(raw))
+    os.utime(moved, (1_000_000_000, 1_000_000_000))
+    assert cache_key(_cfg(tmp_path, [str(moved)]), toy_tokenizer)[0] != key
+
+
+def test_key_of_a_saved_folder_is_its_content(tmp_path, toy_tokenizer, released):
+    folder = tmp_path / "saved"
+    datasets.Dataset.from_list([released(i) for i in range(3)]).save_to_disk(str(folder))
+    key, _ = cache_key(_cfg(tmp_path, [str(folder)]), toy_tokenizer)
+    copy = tmp_path / "copy" / "saved"
+    shutil.copytree(folder, copy)
+    for name in os.listdir(copy):
+        os.utime(copy / name, (1_000_000_000, 1_000_000_000))
+    assert cache_key(_cfg(tmp_path, [str(copy)]), toy_tokenizer)[0] == key
+    with open(copy / "extra.txt", "w") as handle:
+        handle.write("x")
+    assert cache_key(_cfg(tmp_path, [str(copy)]), toy_tokenizer)[0] != key
+
+
+def test_a_moved_run_folder_reuses_its_cache(tmp_path, toy_tokenizer, monkeypatch):
+    run = tmp_path / "run"
+    paths = build_toy_dataset(str(run / "toy"), num_examples=20)
+    cfg = DataConfig(sources=[paths["train"]], cache_dir=str(run / "cache"), num_workers=1)
+    first = build_or_load(cfg, toy_tokenizer)
+    moved = tmp_path / "moved"
+    shutil.copytree(run, moved)  # copytree keeps mtimes: touch the records as a copy without -p would
+    os.utime(moved / "toy" / "train.jsonl")
+
+    def no_reading(*args, **kwargs):
+        raise AssertionError("the cache was rebuilt")
+
+    monkeypatch.setattr(cache_mod, "read_examples", no_reading)
+    cfg = DataConfig(
+        sources=[str(moved / "toy" / "train.jsonl")], cache_dir=str(moved / "cache"), num_workers=1
+    )
+    second = build_or_load(cfg, toy_tokenizer)
+    assert second.key == first.key and second.prompt_ids == first.prompt_ids
+
+
+_KILLED_BUILD = """
+import os, signal, sys
+from wrpo_nemo.data import cache
+from wrpo_nemo.data.toy import build_toy_tokenizer
+cache._tokenize_all = lambda *args, **kwargs: os.kill(os.getpid(), signal.SIGKILL)
+cache.build_or_load(cache.DataConfig(sources=[sys.argv[1]], cache_dir=sys.argv[2], num_workers=1),
+                    build_toy_tokenizer())
+"""
+
+
+def _temp_folders(cache_dir):
+    return sorted(name for name in os.listdir(cache_dir) if name.startswith(".tmp-"))
+
+
+def test_a_build_removes_the_temporary_folder_of_a_killed_build(tmp_path, toy_tokenizer):
+    paths = build_toy_dataset(str(tmp_path / "toy"), num_examples=20)
+    cfg = _cfg(tmp_path, [paths["train"]])
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    killed = subprocess.run(
+        [sys.executable, "-c", _KILLED_BUILD, paths["train"], cfg.cache_dir], cwd=repo, capture_output=True
+    )
+    assert killed.returncode == -signal.SIGKILL, killed.stderr.decode()
+    assert len(_temp_folders(cfg.cache_dir)) == 1  # kill -9 while tokenising leaves its temporary folder
+    dataset = build_or_load(cfg, toy_tokenizer)
+    assert _temp_folders(cfg.cache_dir) == []
+    assert len(dataset) == 20 and _entries(tmp_path) == [dataset.key]
+
+
+def test_a_build_keeps_temporary_folders_that_may_be_in_use(tmp_path, toy_tokenizer, write_jsonl, released):
+    cache_dir = tmp_path / "cache"
+    ours = cache_mod._new_build_folder(str(cache_dir), "k1")  # a build of this (live) process
+    unowned = cache_dir / ".tmp-k2-fresh"  # created a moment ago, owner not written yet
+    unowned.mkdir()
+    foreign = cache_mod._new_build_folder(str(cache_dir), "k3")  # a build on another machine
+    owner = os.path.join(foreign, cache_mod.BUILD_OWNER_FILE)
+    with open(owner) as handle:
+        record = json.load(handle)
+    with open(owner, "w") as handle:
+        json.dump({**record, "host": "another-host"}, handle)
+    old = cache_dir / ".tmp-k4-old"  # unowned and untouched for longer than any build takes
+    old.mkdir()
+    long_ago = time.time() - cache_mod.STALE_BUILD_AGE_S - 60
+    os.utime(old, (long_ago, long_ago))
+    build_or_load(_cfg(tmp_path, [write_jsonl([released(0)])]), toy_tokenizer)
+    kept = {os.path.basename(ours), unowned.name, os.path.basename(foreign)}
+    assert set(_temp_folders(cache_dir)) == kept
+
+
+def test_a_temporary_folder_whose_pid_now_names_another_process_is_stale(tmp_path):
+    cache_dir = str(tmp_path / "cache")
+    folder = cache_mod._new_build_folder(cache_dir, "k")
+    owner = os.path.join(folder, cache_mod.BUILD_OWNER_FILE)
+    with open(owner) as handle:
+        record = json.load(handle)
+    assert record["pid"] == os.getpid() and record["pid_start"] is not None
+    assert cache_mod.remove_stale_builds(cache_dir) == []
+    with open(owner, "w") as handle:
+        json.dump({**record, "pid_start": record["pid_start"] - 1}, handle)  # the owner ended, its PID reused
+    assert cache_mod.remove_stale_builds(cache_dir) == [os.path.basename(folder)]

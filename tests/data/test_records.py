@@ -1,6 +1,7 @@
 """Reading and checking WRPO records: every source format, both layouts, and every bad-input case."""
 
 import json
+import logging
 import re
 
 import datasets
@@ -87,7 +88,9 @@ def test_system_prompt_does_not_replace_an_existing_system_turn(write_jsonl, rel
 def test_missing_prompt_id_column_derives_a_stable_id_from_the_prompt(write_jsonl, released):
     a, b = released(0), released(0)
     del a["prompt_id"], b["prompt_id"]
-    (ea, eb), _ = read_examples([write_jsonl([a, b])], ReadConfig(prompt_id_column=None))
+    cfg = ReadConfig(prompt_id_column=None)
+    (ea,), _ = read_examples([write_jsonl([a], name="a.jsonl")], cfg)
+    (eb,), _ = read_examples([write_jsonl([b], name="b.jsonl")], cfg)
     assert ea.prompt_id == eb.prompt_id == records.prompt_hash(ea.prompt)
 
 
@@ -142,6 +145,24 @@ def test_null_in_a_parquet_column_is_a_missing_field(tmp_path, released):
         read_examples([path], ReadConfig())
 
 
+def test_invalid_json_reports_the_decoders_column(tmp_path, write_jsonl, released):
+    good = json.dumps(released(0))
+    mid = good.replace('"chosen": [', '"chosen": [oops, ')
+    column = mid.index("oops") + 1
+    truncated = good[:-1]  # the closing brace is missing: the fault is at the end of the line
+    path = write_jsonl([good, mid, truncated])
+    _, report = read_examples([path], ReadConfig(on_invalid="skip"))
+    assert report.first_errors == [
+        f"{path}: line 2: invalid JSON (Expecting value, column {column})",
+        f"{path}: line 3: invalid JSON (Expecting ',' delimiter, column {len(truncated) + 1}, at the end of the line)",
+    ]
+    array = tmp_path / "array.json"
+    array.write_text("[\n" + good + ",\n" + mid + "\n]\n")
+    with pytest.raises(DataError) as info:
+        read_examples([str(array)], ReadConfig())
+    assert str(info.value) == f"{array}: line 3: invalid JSON (Expecting value, column {column})"
+
+
 def test_invalid_json_and_non_utf8_lines_are_named(write_jsonl, released):
     good = json.dumps(released(0))
     path = write_jsonl([good, "{not json", b'{"prompt": "\xff\xfe"}'])
@@ -170,9 +191,58 @@ def test_skip_policy_counts_every_bad_record_by_cause(write_jsonl, released):
     assert all(path in e for e in report.first_errors)
 
 
-def test_duplicate_prompt_ids_are_reported(write_jsonl, released):
-    _, report = read_examples([write_jsonl([released(0), released(1), released(0)])], ReadConfig())
-    assert report.duplicate_prompt_ids == 1 and report.duplicate_prompt_id_examples == ["p0"]
+def test_duplicate_prompt_id_is_an_error_naming_both_lines(write_jsonl, released):
+    path = write_jsonl([released(0), released(1), released(0)])
+    with pytest.raises(DataError) as info:
+        read_examples([path], ReadConfig())
+    assert str(info.value) == (
+        f"{path}: line 3: field 'prompt_id': duplicate prompt id 'p0' (first at {path}: line 1)"
+    )
+    assert info.value.cause == "duplicate_prompt_id"
+
+
+def test_duplicate_prompt_id_across_files_names_the_row_and_the_line(tmp_path, write_jsonl, released):
+    parquet = str(tmp_path / "first.parquet")
+    pq.write_table(pa.Table.from_pylist([released(0), released(1)]), parquet)
+    jsonl = write_jsonl([released(2), released(1)])
+    with pytest.raises(DataError) as info:
+        read_examples([parquet, jsonl], ReadConfig())
+    assert str(info.value) == (
+        f"{jsonl}: line 2: field 'prompt_id': duplicate prompt id 'p1' (first at {parquet}: row 2)"
+    )
+
+
+def test_duplicate_derived_prompt_id_is_an_error_on_the_prompt(write_jsonl, released):
+    a, b = released(0), released(0)
+    del a["prompt_id"], b["prompt_id"]
+    path = write_jsonl([a, b])
+    derived = records.prompt_hash(({"role": "user", "content": "What is the capital of France? 0"},))
+    with pytest.raises(DataError) as info:
+        read_examples([path], ReadConfig(prompt_id_column=None))
+    assert str(info.value) == (
+        f"{path}: line 2: field 'prompt': duplicate prompt (id '{derived}' derived from it; "
+        f"first at {path}: line 1)"
+    )
+
+
+def test_skip_policy_keeps_the_first_of_duplicate_ids_and_lists_the_others(write_jsonl, released, caplog):
+    rows = [released(0), released(1), *(released(i % 2) for i in range(24))]
+    path = write_jsonl(rows)
+    with caplog.at_level(logging.WARNING, logger="wrpo_nemo.data.records"):
+        examples, report = read_examples([path], ReadConfig(on_invalid="skip"))
+    assert [e.prompt_id for e in examples] == ["p0", "p1"]
+    assert dict(report.skipped) == {"duplicate_prompt_id": 24}
+    assert report.duplicate_prompt_ids == 24
+    locations = report.to_dict()["duplicate_prompt_id_locations"]
+    assert len(locations) == records.LISTED_DUPLICATES == 20
+    assert locations[:2] == [
+        f"{path}: line 3 (prompt id 'p0', first at {path}: line 1)",
+        f"{path}: line 4 (prompt id 'p1', first at {path}: line 2)",
+    ]
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1
+    assert "skipped 24 records whose prompt id repeats an earlier one" in warnings[0]
+    assert f"{path}: line 3" in warnings[0]
 
 
 def test_prompt_must_end_with_a_user_turn(write_jsonl, released):

@@ -2,14 +2,17 @@
 
 Every record becomes an :class:`Example`: the prompt as a list of chat messages (ending with the user turn)
 and the three responses as plain strings. A bad record raises :class:`DataError` naming the file, the record
-(``line N`` for JSONL, ``row N`` otherwise, both 1-based) and the field; with ``on_invalid="skip"`` it is
-counted by cause in the :class:`DataReport` instead.
+(``line N`` for JSONL, ``row N`` for Parquet and datasets, ``record N`` for a JSON array, all 1-based) and the
+field, as ``<file>: line N: field 'x': problem``; with ``on_invalid="skip"`` it is counted by cause in the
+:class:`DataReport` instead. A prompt id seen before (in any of the sources) is such a bad record: the split
+and the reference store are keyed by the prompt id, so a duplicate would silently skew both.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from collections import Counter
 from collections.abc import Iterator
@@ -17,6 +20,13 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 Message = dict[str, str]
+
+log = logging.getLogger(__name__)
+
+LISTED_ERRORS = 20
+"""Skipped records whose message the report keeps (``first_errors``)."""
+LISTED_DUPLICATES = 20
+"""Skipped duplicate prompt ids whose location the report keeps (``duplicate_prompt_id_locations``)."""
 
 
 class DataError(ValueError):
@@ -98,7 +108,9 @@ class DataReport:
     examples_valid: int = 0
     skipped: Counter = field(default_factory=Counter)
     duplicate_prompt_ids: int = 0
-    duplicate_prompt_id_examples: list[str] = field(default_factory=list)
+    """Records skipped because their prompt id repeats an earlier one (also in ``skipped``)."""
+    duplicate_prompt_id_locations: list[str] = field(default_factory=list)
+    """The first :data:`LISTED_DUPLICATES` of them: ``<file>: line N (prompt id 'x', first at <file>: line M)``."""
     first_errors: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
@@ -107,7 +119,7 @@ class DataReport:
             "examples_valid": self.examples_valid,
             "skipped_by_cause": dict(self.skipped),
             "duplicate_prompt_ids": self.duplicate_prompt_ids,
-            "duplicate_prompt_id_examples": self.duplicate_prompt_id_examples,
+            "duplicate_prompt_id_locations": self.duplicate_prompt_id_locations,
             "first_errors": self.first_errors,
         }
 
@@ -162,6 +174,12 @@ def _starts_with_bracket(path: str) -> bool:
         return handle.read(4096).lstrip()[:1] == b"["
 
 
+def _json_problem(err: json.JSONDecodeError) -> str:
+    """``invalid JSON (<msg>, column C)``: the decoder's own 1-based column, in characters."""
+    end = ", at the end of the line" if err.pos >= len(err.doc) or err.doc[err.pos] == "\n" else ""
+    return f"invalid JSON ({err.msg}, column {err.colno}{end})"
+
+
 def _iter_json_array(path: str) -> Iterator[tuple[str, Any]]:
     """A ``.json`` file holding one list of records; records are named by their 1-based position."""
     with open(path, "rb") as handle:
@@ -169,11 +187,14 @@ def _iter_json_array(path: str) -> Iterator[tuple[str, Any]]:
     try:
         records = json.loads(raw.decode("utf-8"))
     except UnicodeDecodeError as err:
+        line = raw.count(b"\n", 0, err.start) + 1
+        byte = err.start - raw.rfind(b"\n", 0, err.start)
+        where = f"{path}: line {line}"
         raise DataError(
-            path, None, f"bytes are not UTF-8 ({err.reason} at byte {err.start})", "not_utf8"
+            where, None, f"bytes are not UTF-8 ({err.reason} at byte {byte})", "not_utf8"
         ) from err
     except json.JSONDecodeError as err:
-        raise DataError(path, None, f"invalid JSON ({err.msg}, line {err.lineno})", "invalid_json") from err
+        raise DataError(f"{path}: line {err.lineno}", None, _json_problem(err), "invalid_json") from err
     for i, record in enumerate(records):
         yield f"{path}: record {i + 1}", record
 
@@ -185,20 +206,18 @@ def _iter_jsonl(path: str) -> Iterator[tuple[str, Any]]:
             try:
                 text = raw.decode("utf-8")
             except UnicodeDecodeError as err:
-                yield (
-                    where,
-                    DataError(where, None, f"bytes are not UTF-8 ({err.reason} at {err.start})", "not_utf8"),
-                )
+                problem = f"bytes are not UTF-8 ({err.reason} at byte {err.start + 1})"
+                yield where, DataError(where, None, problem, "not_utf8")
                 continue
+            # Without its line break: a fault at the end of the line would otherwise be placed at column 1
+            # of a next line.
+            text = text.rstrip("\r\n")
             if not text.strip():
                 continue
             try:
                 yield where, json.loads(text)
             except json.JSONDecodeError as err:
-                yield (
-                    where,
-                    DataError(where, None, f"invalid JSON ({err.msg}, column {err.colno})", "invalid_json"),
-                )
+                yield where, DataError(where, None, _json_problem(err), "invalid_json")
 
 
 def _iter_parquet(path: str) -> Iterator[tuple[str, Any]]:
@@ -335,24 +354,51 @@ def read_examples(sources: list[str], cfg: ReadConfig) -> tuple[list[Example], D
     cfg.validate()
     report = DataReport()
     examples: list[Example] = []
-    seen: set[str] = set()
+    first_seen: dict[str, str] = {}
     for source in sources:
         for where, record in iter_raw_records(source, cfg.hub_split, cfg.hub_revision):
             report.records_read += 1
             try:
                 example = parse_record(record, where, cfg)
             except DataError as err:
-                if cfg.on_invalid == "error":
-                    raise
-                report.skipped[err.cause] += 1
-                if len(report.first_errors) < 20:
-                    report.first_errors.append(str(err))
+                _skip(err, cfg, report)
                 continue
-            if example.prompt_id in seen:
+            first = first_seen.get(example.prompt_id)
+            if first is not None:
+                _skip(_duplicate_error(example, first, cfg), cfg, report)
                 report.duplicate_prompt_ids += 1
-                if len(report.duplicate_prompt_id_examples) < 20:
-                    report.duplicate_prompt_id_examples.append(example.prompt_id)
-            seen.add(example.prompt_id)
+                if len(report.duplicate_prompt_id_locations) < LISTED_DUPLICATES:
+                    report.duplicate_prompt_id_locations.append(
+                        f"{where} (prompt id {example.prompt_id!r}, first at {first})"
+                    )
+                continue
+            first_seen[example.prompt_id] = where
             examples.append(example)
     report.examples_valid = len(examples)
+    if report.duplicate_prompt_ids:
+        log.warning(
+            "data: skipped %d records whose prompt id repeats an earlier one (on_invalid=skip), e.g. %s; "
+            "the data report lists up to %d of them",
+            report.duplicate_prompt_ids,
+            report.duplicate_prompt_id_locations[0],
+            LISTED_DUPLICATES,
+        )
     return examples, report
+
+
+def _skip(err: DataError, cfg: ReadConfig, report: DataReport) -> None:
+    """Raise ``err`` under ``on_invalid="error"``; count it in ``report`` under ``"skip"``."""
+    if cfg.on_invalid == "error":
+        raise err
+    report.skipped[err.cause] += 1
+    if len(report.first_errors) < LISTED_ERRORS:
+        report.first_errors.append(str(err))
+
+
+def _duplicate_error(example: Example, first_where: str, cfg: ReadConfig) -> DataError:
+    """The error of a record whose prompt id an earlier record (at ``first_where``) already has."""
+    if cfg.prompt_id_column is None:
+        problem = f"duplicate prompt (id {example.prompt_id!r} derived from it; first at {first_where})"
+        return DataError(example.where, cfg.prompt_column, problem, "duplicate_prompt_id")
+    problem = f"duplicate prompt id {example.prompt_id!r} (first at {first_where})"
+    return DataError(example.where, cfg.prompt_id_column, problem, "duplicate_prompt_id")
