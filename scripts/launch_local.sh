@@ -7,7 +7,8 @@
 #
 # PYTHON picks the interpreter (default: the repository's .venv when present, else python3); DRY_RUN=1 prints
 # the command instead of running it. One thread per process unless OMP_NUM_THREADS says otherwise: on a
-# small CPU machine the processes would otherwise fight over the cores.
+# small CPU machine the processes would otherwise fight over the cores. A SIGTERM or SIGUSR1 to this script (or
+# to the whole process group) makes the trainers save a checkpoint and exit 0; the script then exits 0.
 
 set -euo pipefail
 
@@ -24,12 +25,14 @@ if [[ -z "${PYTHON:-}" ]]; then
 fi
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 
-# --standalone: a private rendezvous on a free local port, so two local runs never collide.
-cmd=("$PYTHON" -m torch.distributed.run --standalone --nproc-per-node "$nproc" "$root/recipes/wrpo.py" "$@")
+# --standalone: a private rendezvous on a free local port, so two local runs never collide. SIGTERM is left
+# to the trainers (scripts/run_torchrun.sh): they save and exit 0, and so does torchrun.
+cmd=("$PYTHON" -m torch.distributed.run --standalone --signals-to-handle=SIGINT,SIGHUP,SIGQUIT
+  --nproc-per-node "$nproc" "$root/recipes/wrpo.py" "$@")
 if [[ "${DRY_RUN:-0}" == 1 ]]; then
   printf -v line '%q ' "${cmd[@]}"
   echo "${line% }"
   exit 0
 fi
 cd "$root"
-exec "${cmd[@]}"
+exec bash "$root/scripts/run_torchrun.sh" "${cmd[@]}"

@@ -74,6 +74,9 @@ def run(cfg: RunConfig) -> dict[str, StageResult]:
     console; ``WRPO_MEGATRON_LOG_LEVEL=INFO`` shows them.
     """
     logging.getLogger("megatron").setLevel(os.environ.get("WRPO_MEGATRON_LOG_LEVEL", "WARNING").upper())
+    # First: a preemption signal during the set-up (data, model, reference pass) is kept and honoured at the
+    # first step boundary (launchers start the trainers with SIGTERM ignored until this handler is in place).
+    preemption = Preemption()
     tokenizer, tokenizer_dir = load_tokenizer(cfg)
     model_cfg = resolve_model_config(cfg, tokenizer)
     dp = validate_layout(cfg, model_cfg, world_size())
@@ -89,7 +92,7 @@ def run(cfg: RunConfig) -> dict[str, StageResult]:
             (Path(cfg.run_dir) / "run_config.json").write_text(json.dumps(asdict(cfg), indent=1, default=str))
             print(f"data: {len(dataset)} prompts -> sft {len(splits['sft'])}, wrpo {len(splits['wrpo'])}, "
                   f"eval {len(splits['eval'])}; report {dataset.path}/report.json", flush=True)  # fmt: skip
-        preemption, previous, results = Preemption(), None, {}
+        previous, results = None, {}
         for stage in cfg.stages:
             result = run_stage(
                 cfg, stage, inputs, start_weights(cfg, inputs, previous), dp, device, preemption

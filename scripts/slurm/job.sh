@@ -66,7 +66,7 @@ srun_cmd=(
   --container-mounts="$mounts" --container-workdir="$CONTAINER_WORKDIR"
   --output="$LOG_DIR/restart$RESTART-node%n.log"
   bash scripts/slurm/node.sh "$LOG_DIR"
-  torchrun --nnodes="$NNODES" --nproc-per-node="$GPUS_PER_NODE"
+  torchrun --signals-to-handle=SIGINT,SIGHUP,SIGQUIT --nnodes="$NNODES" --nproc-per-node="$GPUS_PER_NODE"
   --rdzv-backend=c10d --rdzv-endpoint="$MASTER_ADDR:$MASTER_PORT" --rdzv-id="$JOB_ID-$RESTART"
   recipes/wrpo.py "$@" "run_dir=$RUN_DIR" checkpoint.resume=true
 )

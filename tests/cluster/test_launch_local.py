@@ -29,7 +29,8 @@ def test_dry_run_prints_a_standalone_torchrun_of_the_recipe_with_the_arguments_i
     out = launch("4", "--config-name", "wrpo_tiny", "parallel.tensor=2", DRY_RUN="1")
     assert out.returncode == 0, out.stderr
     assert shlex.split(out.stdout.strip()) == [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "4",
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--signals-to-handle=SIGINT,SIGHUP,SIGQUIT",
+        "--nproc-per-node", "4",
         str(ROOT / "recipes" / "wrpo.py"), "--config-name", "wrpo_tiny", "parallel.tensor=2",
     ]  # fmt: skip
 
@@ -49,3 +50,40 @@ def test_two_cpu_processes_train_the_tiny_recipe_with_tensor_parallelism(tmp_pat
     assert summary["sft"]["steps"] == 2 and summary["sft"]["preempted"] is False
     config = json.loads((tmp_path / "run" / "run_config.json").read_text())
     assert config["parallel"]["tensor"] == 2
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_whole_process_group_saves_a_checkpoint_and_exits_0(tmp_path):
+    """As when Slurm or a user signals every process, torchrun included: the trainers save, all exit 0."""
+    import signal
+    import time
+
+    run_dir = tmp_path / "run"
+    args = [a for a in TINY if not a.startswith("sft.max_steps")] + ["sft.max_steps=400"]
+    proc = subprocess.Popen(
+        [
+            "bash",
+            str(SCRIPT),
+            "2",
+            f"run_dir={run_dir}",
+            "parallel.tensor=2",
+            "logging.log_interval=1",
+            *args,
+        ],
+        env={**os.environ, "PYTHON": sys.executable},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    metrics = run_dir / "sft" / "metrics.jsonl"
+    deadline = time.time() + 240
+    while not (metrics.exists() and metrics.read_text().count("\n") >= 2):
+        assert time.time() < deadline and proc.poll() is None, proc.communicate()
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=240)
+    assert proc.returncode == 0, stdout[-2000:] + stderr[-4000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["sft"]["preempted"] is True and 2 <= summary["sft"]["steps"] < 400
+    assert list((run_dir / "sft" / "checkpoints").glob("step_*"))

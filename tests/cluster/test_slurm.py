@@ -75,7 +75,7 @@ def expected_srun(tmp_path: Path, nodes: int, restart: int, *recipe_args: str) -
         "--container-image=/images/wrpo-nemo.sqsh", f"--container-mounts={tmp_path}:{tmp_path},{log_dir}:{log_dir}",
         "--container-workdir=/workspace/wrpo-nemo", f"--output={log_dir}/restart{restart}-node%n.log",
         "bash", "scripts/slurm/node.sh", str(log_dir),
-        "torchrun", f"--nnodes={nodes}", "--nproc-per-node=8", "--rdzv-backend=c10d",
+        "torchrun", "--signals-to-handle=SIGINT,SIGHUP,SIGQUIT", f"--nnodes={nodes}", "--nproc-per-node=8", "--rdzv-backend=c10d",
         f"--rdzv-endpoint=gpu-a017:{20000 + 4242}", f"--rdzv-id=4242-{restart}",
         "recipes/wrpo.py", *recipe_args, f"run_dir={run_dir}", "checkpoint.resume=true",
     ]  # fmt: skip
@@ -181,8 +181,11 @@ sys.exit(child.wait())
 """
 
 
+@pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM], ids=["SIGUSR1", "SIGTERM"])
 @pytest.mark.parametrize("whole_step", [False, True], ids=["task-only", "every-process-of-the-step"])
-def test_node_wrapper_gets_slurms_signal_to_the_trainers_and_exits_with_their_status(tmp_path, whole_step):
+def test_node_wrapper_gets_slurms_signal_to_the_trainers_and_exits_with_their_status(
+    tmp_path, whole_step, sig
+):
     marker = tmp_path / "trainer.signal"
     cmd = ["bash", str(SLURM / "node.sh"), str(tmp_path), sys.executable, "-c", FAKE_TORCHRUN, str(marker)]
     proc = subprocess.Popen(
@@ -193,10 +196,11 @@ def test_node_wrapper_gets_slurms_signal_to_the_trainers_and_exits_with_their_st
         assert time.time() < deadline and proc.poll() is None, proc.communicate()
         time.sleep(0.05)
     # Slurm signals the task (proctrack/pgid) or every process of the step, torchrun included (cgroup).
+    # A SIGTERM reaching the (fake) torchrun is ignored: it would otherwise end it before the trainers exit.
     if whole_step:
-        os.killpg(proc.pid, signal.SIGUSR1)
+        os.killpg(proc.pid, sig)
     else:
-        proc.send_signal(signal.SIGUSR1)
+        proc.send_signal(sig)
     _, stderr = proc.communicate(timeout=30)
     assert proc.returncode == 0, stderr
     assert marker.read_text() == "SIGUSR1"
