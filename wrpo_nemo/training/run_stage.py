@@ -93,8 +93,19 @@ def build_start_model(cfg: RunConfig, inputs: RunInputs, start: StartWeights, pr
 
 
 def build_loader(
-    cfg: RunConfig, section: StageSection, stage: str, inputs: RunInputs, indices, dp, reference=None
-):
+    cfg: RunConfig,
+    stage: str,
+    inputs: RunInputs,
+    indices,
+    dp: int,
+    *,
+    global_batch_size: int,
+    micro_batch_size: int,
+    rows_per_micro_batch: int | None = None,
+    epochs: int = 1,
+    reference=None,
+) -> PackedBatchLoader:
+    """This rank's loader over ``indices`` (``micro_batch_size`` prompts per micro-batch)."""
     from megatron.core import parallel_state
 
     return PackedBatchLoader(
@@ -102,15 +113,15 @@ def build_loader(
         indices,
         stage=stage,
         seq_length=cfg.data.source.tokenize.seq_length,
-        global_batch_size=section.global_batch_size,
-        micro_batch_size=section.micro_batch_size,
+        global_batch_size=global_batch_size,
+        micro_batch_size=micro_batch_size,
         dp_rank=parallel_state.get_data_parallel_rank(),
         dp_size=dp,
         seed=cfg.seed,
         pad_id=inputs.tokenizer.pad_token_id,
-        rows_per_micro_batch=section.rows_per_micro_batch,
+        rows_per_micro_batch=rows_per_micro_batch,
         reference_logps=reference,
-        plan_epochs=section.epochs,
+        plan_epochs=epochs,
         layout=cfg.data.layout,
     )
 
@@ -162,9 +173,11 @@ def build_evaluator(cfg: RunConfig, section: StageSection, stage: Stage, inputs:
     count = min(cfg.logging.eval_prompts, len(inputs.splits["eval"])) // per_pass * per_pass
     if count == 0:
         return Evaluator([], stage, device)
-    eval_section = StageSection(global_batch_size=count, micro_batch_size=section.micro_batch_size)
-    logps = getattr(getattr(stage, "reference", None), "logps", None)
-    loader = build_loader(cfg, eval_section, stage.name, inputs, inputs.splits["eval"][:count], dp, logps)
+    logps = stage.reference.logps if stage.reference else None
+    loader = build_loader(
+        cfg, stage.name, inputs, inputs.splits["eval"][:count], dp,
+        global_batch_size=count, micro_batch_size=section.micro_batch_size, reference=logps,
+    )  # fmt: skip
     return Evaluator(loader.next_global_batch(), stage, device)
 
 
@@ -200,12 +213,17 @@ class StageRunner:
         self.model = build_start_model(cfg, inputs, start)
         self.ddp = wrap_ddp(self.model)
         self.stage = build_stage(cfg, name, inputs, start, self.ddp, device)
-        logps = getattr(getattr(self.stage, "reference", None), "logps", None)
-        self.loader = build_loader(cfg, section, name, inputs, inputs.splits[name], dp, logps)
+        reference = self.stage.reference
+        logps = reference.logps if reference else None
+        self.loader = build_loader(
+            cfg, name, inputs, inputs.splits[name], dp,
+            global_batch_size=section.global_batch_size, micro_batch_size=section.micro_batch_size,
+            rows_per_micro_batch=section.rows_per_micro_batch, epochs=section.epochs, reference=logps,
+        )  # fmt: skip
         self.plan = StagePlan(self.loader.steps_per_epoch, section.epochs, section.max_steps, section.optim)
         total = self.plan.total_steps
         self.optimizer, scheduler = build_optimizer(self.ddp, section.optim, total)
-        online = getattr(getattr(self.stage, "reference", None), "model", None) is not None
+        online = reference is not None and reference.model is not None
         throughput = Throughput(
             model_flops_per_token(inputs.model_cfg, cfg.data.source.tokenize.max_length / 2), online
         )
@@ -251,7 +269,7 @@ class StageRunner:
 
     def announce(self) -> None:
         if dist.get_rank() == 0:
-            mode = getattr(getattr(self.stage, "reference", None), "mode", None)
+            mode = self.stage.reference.mode if self.stage.reference else None
             print(
                 f"[{self.name}] {self.loop.total_steps} optimizer steps, {self.loader.rows_per_micro_batch} rows "
                 f"x {self.cfg.data.source.tokenize.seq_length} tokens per micro-batch, data-parallel {self.dp}; "
@@ -287,7 +305,7 @@ class StageRunner:
             logger.log(self.loop.step, eval_metrics, split="eval")
         path = self.save(finished=not preempted)
         logger.close()
-        mode = getattr(getattr(self.stage, "reference", None), "mode", None)
+        mode = self.stage.reference.mode if self.stage.reference else None
         return StageResult(path, self.loop.step, self.metrics, eval_metrics, mode, preempted)
 
 

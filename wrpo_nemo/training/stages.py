@@ -34,6 +34,8 @@ from wrpo_nemo.training.step import WrpoLossSettings, sft_loss_func, wrpo_loss_f
 class Stage(Protocol):
     name: str
     """``sft`` or ``wrpo``: the loader's stage (what a micro-batch packs)."""
+    reference: Reference | None
+    """WRPO's reference log-probs (``None`` for SFT)."""
 
     def loss_func(self, batch: PackedBatch) -> Callable: ...
 
@@ -52,6 +54,7 @@ class SFTStage:
 
     vocab_size: int
     name: str = "sft"
+    reference: Reference | None = None
 
     def loss_func(self, batch: PackedBatch) -> Callable:
         return partial(sft_loss_func, batch, self.vocab_size)
