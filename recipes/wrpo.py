@@ -12,11 +12,23 @@ from __future__ import annotations
 
 import sys
 
-import hydra
-from omegaconf import DictConfig
+from wrpo_nemo.training import preemption
 
-from wrpo_nemo.training.cli import CONFIG_ERROR_EXIT, check_here, preflight, register_schema, to_run_config
-from wrpo_nemo.training.config import ConfigError
+# Before anything slow (these imports, the data, the model): a SIGTERM/SIGUSR1 during start-up is kept, and
+# training stops at its first step boundary with a checkpoint.
+preemption.install()
+
+import hydra  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+
+from wrpo_nemo.training.cli import (  # noqa: E402
+    CONFIG_ERROR_EXIT,
+    check_here,
+    preflight,
+    register_schema,
+    to_run_config,
+)
+from wrpo_nemo.training.config import ConfigError  # noqa: E402
 
 CONFIG_PATH, CONFIG_NAME = "../conf", "wrpo_tiny"
 

@@ -14,3 +14,13 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture(autouse=True)
+def _no_preemption_left_over():
+    """A test that preempts a run in this process leaves a recorded signal and its handlers behind: clear them,
+    so the next in-process run is not stopped at its first step."""
+    yield
+    from wrpo_nemo.training import preemption
+
+    preemption.clear()

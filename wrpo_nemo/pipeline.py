@@ -74,8 +74,8 @@ def run(cfg: RunConfig) -> dict[str, StageResult]:
     console; ``WRPO_MEGATRON_LOG_LEVEL=INFO`` shows them.
     """
     logging.getLogger("megatron").setLevel(os.environ.get("WRPO_MEGATRON_LOG_LEVEL", "WARNING").upper())
-    # First: a preemption signal during the set-up (data, model, reference pass) is kept and honoured at the
-    # first step boundary (launchers start the trainers with SIGTERM ignored until this handler is in place).
+    # A preemption signal during the set-up (data, model, reference pass) is kept and honoured at the first step
+    # boundary; the recipe installs the handler even earlier, before its imports.
     preemption = Preemption()
     tokenizer, tokenizer_dir = load_tokenizer(cfg)
     model_cfg = resolve_model_config(cfg, tokenizer)

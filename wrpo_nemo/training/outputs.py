@@ -80,7 +80,7 @@ class MetricsLogger:
             self._wandb.log({f"{self.stage}/{split}/{k}": v for k, v in metrics.items()}, step=step)
         if split == "train" and (step % self.log_interval == 0 or step == self.total_steps):
             self._print(step, metrics)
-        elif split != "train":
+        elif split == "eval":
             shown = ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float))
             print(f"[{self.stage}] eval @ step {step}: {shown}", flush=True)
 

@@ -9,7 +9,7 @@ TrainLoop`, the evaluator and the checkpoint components. It then runs the loop w
 
 from __future__ import annotations
 
-import signal
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,7 +18,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from wrpo_nemo import compat
 from wrpo_nemo.checkpoint.model import load_model_checkpoint, weights_dir
 from wrpo_nemo.data.loader import PackedBatchLoader
 from wrpo_nemo.training import checkpoint as ckpt
@@ -28,6 +27,7 @@ from wrpo_nemo.training.engine import build_model, build_optimizer, for_forward,
 from wrpo_nemo.training.loop import Evaluator, Throughput, TrainLoop, collect_state, every, restore_state
 from wrpo_nemo.training.outputs import MetricsLogger, model_flops_per_token
 from wrpo_nemo.training.plan import StagePlan
+from wrpo_nemo.training.preemption import Preemption
 from wrpo_nemo.training.reference import precomputed_reference
 from wrpo_nemo.training.setup import RunInputs
 from wrpo_nemo.training.stages import Reference, SFTStage, Stage, WRPOStage
@@ -53,28 +53,6 @@ class StartWeights:
 
     checkpoint: str | None
     identity: str
-
-
-class Preemption:
-    """SIGTERM/SIGUSR1 (Slurm's warning) set a flag; the loop saves and stops at the next step boundary."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, self._handle)
-
-    def _handle(self, signum, frame) -> None:
-        self.requested = True
-        # Slurm may signal every process of the step and a launcher forward it again: one is enough, and a
-        # later one arriving during shutdown must not kill the process with the default action.
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, signal.SIG_IGN)
-
-    def agreed(self) -> bool:
-        # On the compute device: NCCL reduces CUDA tensors only.
-        flag = torch.tensor([1.0 if self.requested else 0.0], device=compat.device())
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
 
 
 def build_start_model(cfg: RunConfig, inputs: RunInputs, start: StartWeights, precision: str | None = None):
@@ -234,6 +212,8 @@ class StageRunner:
         self.evaluate = build_evaluator(cfg, section, self.stage, inputs, dp, device)
         self.dp = dp
         self.metrics: dict[str, float] = {}
+        self.save_seconds: list[float] = []
+        self.logger: MetricsLogger | None = None
 
     def resume_from(self, path: Path) -> None:
         """Continue from a training checkpoint: weights, optimizer, data position and RNG as saved; the plan
@@ -254,6 +234,8 @@ class StageRunner:
         return {"": self.loop, "data": self.loader}
 
     def save(self, finished: bool) -> str:
+        """Save a training checkpoint (collective); its duration is printed and logged as ``checkpoint_save_s``
+        (the preemption lead time must cover one step plus one save)."""
         state = {
             **collect_state(self._stateful()),
             **self.stage.state_dict(),
@@ -261,10 +243,17 @@ class StageRunner:
             "final_metrics": self.metrics,
             "plan": self.plan.to_dict(),
         }
+        start = time.perf_counter()
         path = ckpt.save_training_checkpoint(
             self.stage_dir, self.loop.step, self.model, self.optimizer, state, self.inputs.model_cfg,
             keep_last=self.cfg.checkpoint.keep_last, hf_assets=self.inputs.hf_assets,
         )  # fmt: skip
+        seconds = time.perf_counter() - start
+        self.save_seconds.append(seconds)
+        if self.logger is not None:
+            self.logger.log(self.loop.step, {"checkpoint_save_s": seconds}, split="checkpoint")
+        if dist.get_rank() == 0:
+            print(f"[{self.name}] checkpoint {path.name} saved in {seconds:.1f} s", flush=True)
         return str(path)
 
     def announce(self) -> None:
@@ -285,6 +274,7 @@ class StageRunner:
             log_interval=log.log_interval, tensorboard=log.tensorboard, wandb_project=log.wandb_project,
             run_name=Path(self.cfg.run_dir).name, start_step=self.loop.step,
         )  # fmt: skip
+        self.logger = logger
 
         def record(loop: TrainLoop, metrics: dict[str, float]) -> None:
             self.metrics = metrics
