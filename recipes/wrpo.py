@@ -8,12 +8,16 @@ parallelism; one plain process runs the whole thing on a CPU machine.
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
 
 import hydra
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
+from wrpo_nemo.cli import error_line
+from wrpo_nemo.data.records import DataError
+from wrpo_nemo.errors import InputError
 from wrpo_nemo.training.config import ConfigError, RunConfig, load_run_config
 
 # Every key of the schema, with its default, under the name the configs in conf/ list first in their
@@ -28,8 +32,10 @@ def main(cfg: DictConfig) -> None:
         from wrpo_nemo.pipeline import run
 
         results = run(run_cfg)
-    except ConfigError as exc:
-        print(f"config error: {exc}", file=sys.stderr)
+    except (ConfigError, DataError, InputError) as exc:  # one line naming the key, record or file; exit 2
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        print(error_line(exc), file=sys.stderr)
         sys.exit(2)
     for stage, result in results.items():
         state = "preempted" if result.preempted else "done"
