@@ -10,6 +10,7 @@ is written: ``config error: ...`` naming the key, exit status 2.
 
 from __future__ import annotations
 
+import os
 import sys
 
 from wrpo_nemo.training import preemption
@@ -21,14 +22,17 @@ preemption.install()
 import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
-from wrpo_nemo.training.cli import (  # noqa: E402
+from wrpo_nemo.cli import error_line  # noqa: E402
+from wrpo_nemo.data.records import DataError  # noqa: E402
+from wrpo_nemo.errors import InputError  # noqa: E402
+from wrpo_nemo.training.config import ConfigError  # noqa: E402
+from wrpo_nemo.training.hydra_config import (  # noqa: E402
     CONFIG_ERROR_EXIT,
     check_here,
     preflight,
     register_schema,
     to_run_config,
 )
-from wrpo_nemo.training.config import ConfigError  # noqa: E402
 
 CONFIG_PATH, CONFIG_NAME = "../conf", "wrpo_tiny"
 
@@ -46,8 +50,10 @@ def main(cfg: DictConfig) -> None:
         from wrpo_nemo.pipeline import run
 
         results = run(run_cfg)
-    except ConfigError as exc:
-        print(f"config error: {exc}", file=sys.stderr)
+    except (ConfigError, DataError, InputError) as exc:  # one line naming the key, record or file; exit 2
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        print(error_line(exc), file=sys.stderr)
         sys.exit(CONFIG_ERROR_EXIT)
     for stage, result in results.items():
         state = "preempted" if result.preempted else "done"

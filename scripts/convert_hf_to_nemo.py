@@ -4,6 +4,7 @@
     python scripts/convert_hf_to_nemo.py HF_DIR model.nemo         # NeMo archive
 
 Streams tensor by tensor (peak memory about one layer). Refuses an existing output unless --overwrite.
+A bad input stops with one line naming the file and exit code 2 (--debug: the traceback).
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import tempfile
 from pathlib import Path
 
 import torch
+
+from wrpo_nemo.cli import add_debug_option, user_errors
 
 DTYPES = {"auto": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -44,10 +47,16 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--make-vocab-size-divisible-by", type=int, default=None, dest="vocab_multiple")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    add_debug_option(parser)
     args = parser.parse_args(argv)
-    out = convert(
-        args.hf_dir, args.out, dtype=args.dtype, overwrite=args.overwrite, vocab_multiple=args.vocab_multiple
-    )
+    with user_errors(args.debug):
+        out = convert(
+            args.hf_dir,
+            args.out,
+            dtype=args.dtype,
+            overwrite=args.overwrite,
+            vocab_multiple=args.vocab_multiple,
+        )
     print(f"wrote {out}")
 
 

@@ -2,6 +2,8 @@
 folder that transformers and vLLM load (sharded safetensors + index, config, tokenizer, generation config).
 
     python scripts/convert_nemo_to_hf.py CHECKPOINT_DIR_OR_NEMO OUT_DIR [--dtype bf16]
+
+A bad input stops with one line naming the file and exit code 2 (--debug: the traceback).
 """
 
 from __future__ import annotations
@@ -10,6 +12,8 @@ import argparse
 from pathlib import Path
 
 import torch
+
+from wrpo_nemo.cli import add_debug_option, user_errors
 
 DTYPES = {"auto": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -33,10 +37,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="auto: as stored")
     parser.add_argument("--max-shard-gb", type=float, default=5.0, help="largest safetensors shard")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    add_debug_option(parser)
     args = parser.parse_args(argv)
-    out = convert(
-        args.source, args.out, dtype=args.dtype, overwrite=args.overwrite, max_shard_gb=args.max_shard_gb
-    )
+    with user_errors(args.debug):
+        out = convert(
+            args.source, args.out, dtype=args.dtype, overwrite=args.overwrite, max_shard_gb=args.max_shard_gb
+        )
     print(f"wrote {out}")
 
 

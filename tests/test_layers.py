@@ -13,13 +13,14 @@ PACKAGE = Path(__file__).resolve().parents[1] / "wrpo_nemo"
 
 # Lowest first. A module belongs to the first prefix it starts with.
 LAYERS = [
+    ("errors", ("wrpo_nemo.errors",)),
     ("math", ("wrpo_nemo.logprobs", "wrpo_nemo.losses", "wrpo_nemo.alpha")),
     ("data", ("wrpo_nemo.data",)),
     ("model", ("wrpo_nemo.models", "wrpo_nemo.compat")),
     ("checkpoint format", ("wrpo_nemo.checkpoint",)),
     ("training", ("wrpo_nemo.training",)),
     ("converters", ("wrpo_nemo.converters",)),
-    ("entry", ("wrpo_nemo.pipeline", "wrpo_nemo.integrations")),
+    ("entry", ("wrpo_nemo.pipeline", "wrpo_nemo.integrations", "wrpo_nemo.cli")),
 ]
 
 

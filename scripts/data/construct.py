@@ -16,6 +16,7 @@ import argparse
 import dataclasses
 import typing
 
+from wrpo_nemo.cli import add_debug_option, user_errors
 from wrpo_nemo.data.construction.generate import GenerateConfig, generate
 from wrpo_nemo.data.construction.score import ScoreConfig, score
 from wrpo_nemo.data.construction.select import SelectConfig, select
@@ -50,12 +51,16 @@ def main(argv: list[str] | None = None) -> str:
     )
     steps = parser.add_subparsers(dest="step", required=True)
     for name, (config, _) in STEPS.items():
-        _add_options(steps.add_parser(name, help=config.__doc__), config)
+        step = steps.add_parser(name, help=config.__doc__)
+        _add_options(step, config)
+        add_debug_option(step)
     args = vars(parser.parse_args(argv))
     config, run = STEPS[args.pop("step")]
+    debug = args.pop("debug")
     hints = typing.get_type_hints(config)
     values = {k: tuple(v) if typing.get_origin(hints[k]) is tuple else v for k, v in args.items()}
-    path = run(config(**values))
+    with user_errors(debug):
+        path = run(config(**values))
     print(path)
     return path
 

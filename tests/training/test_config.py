@@ -9,8 +9,8 @@ import yaml
 
 from wrpo_nemo.data.records import ReadConfig
 from wrpo_nemo.models.presets import get_preset
-from wrpo_nemo.training.cli import compose_run_config, preflight
 from wrpo_nemo.training.config import ConfigError, RunConfig, load_run_config
+from wrpo_nemo.training.hydra_config import compose_run_config, preflight
 from wrpo_nemo.training.setup import resolve_model_config, validate_layout
 from wrpo_nemo.training.validate import check_before_writing, validate_config, validate_model
 

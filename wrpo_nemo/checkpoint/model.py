@@ -24,6 +24,8 @@ import torch.distributed as dist
 
 from wrpo_nemo import compat
 from wrpo_nemo.checkpoint.atomic import replace_path
+from wrpo_nemo.checkpoint.damage import checkpoint_read_error, read_failures
+from wrpo_nemo.errors import InputError, first_line, read_json
 from wrpo_nemo.models.config import ModelConfig
 
 FORMAT = "wrpo_nemo.model_checkpoint/1"
@@ -68,10 +70,15 @@ def read_model_config(directory: str | Path) -> ModelConfig:
     path = Path(directory) / CONFIG_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{directory} is not a model checkpoint: {CONFIG_FILE} is missing")
-    payload: dict[str, Any] = json.loads(path.read_text())
+    payload: Any = read_json(path)
+    if not isinstance(payload, dict):
+        raise InputError(path, f"expected a JSON object, got {type(payload).__name__}")
     if payload.get("format") != FORMAT:
-        raise ValueError(f"{path}: format {payload.get('format')!r} is not {FORMAT!r}")
-    return ModelConfig.from_dict(payload["model"])
+        raise InputError(path, f"format {payload.get('format')!r} is not {FORMAT!r}")
+    try:
+        return ModelConfig.from_dict(payload["model"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise InputError(path, f"not a valid model config ({first_line(exc)})") from exc
 
 
 def model_config_from_source(source: str | Path) -> ModelConfig:
@@ -142,15 +149,21 @@ def save_model_checkpoint(
 
 
 def load_model_checkpoint(model, directory: str | Path) -> None:
-    """Load the weights of a model checkpoint (saved at any TP/PP) into this rank's part of ``model``."""
+    """Load the weights of a model checkpoint (saved at any TP/PP) into this rank's part of ``model``.
+
+    A damaged dist checkpoint raises :class:`~wrpo_nemo.errors.InputError` naming the file (or the folder).
+    """
     from megatron.core import dist_checkpointing
 
     path = weights_dir(directory)
     if not (path / "metadata.json").is_file():
         raise FileNotFoundError(f"{directory} has no dist checkpoint under {WEIGHTS_DIR}/")
     request = model_sharded_state_dict(model)
-    with compat.redirect_cuda_to_cpu():
-        loaded = dist_checkpointing.load(request, str(path))
+    try:
+        with compat.redirect_cuda_to_cpu():
+            loaded = dist_checkpointing.load(request, str(path))
+    except read_failures() as exc:
+        raise checkpoint_read_error(path, exc) from exc
     # A training checkpoint's common state (optimizer param groups, trainer state) comes back too: keep the model's.
     result = model.load_state_dict({k: v for k, v in loaded.items() if k in request}, strict=False)
     missing = [k for k in result.missing_keys if not k.endswith("_extra_state")]

@@ -37,6 +37,9 @@ from torch.distributed.checkpoint.planner import (
 )
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
+from wrpo_nemo.checkpoint.damage import checkpoint_read_error, read_failures
+from wrpo_nemo.errors import InputError
+
 
 @dataclass(frozen=True)
 class Chunk:
@@ -105,8 +108,10 @@ def write_checkpoint(directory: str | Path, tensors: Sequence[StreamedTensor]) -
     try:
         dcp_save({}, storage_writer=writer, planner=_LazySavePlanner(tensors), no_dist=True)
     except CheckpointException as exc:
-        # Surface the producer's own error (a missing file, a bad shape), not DCP's per-rank wrapper.
-        raise next(iter(exc.failures.values()))[0] from exc
+        # Surface the producer's own error (a missing file, a bad shape), not DCP's per-rank wrapper; an error
+        # raised from another (a damaged input's InputError) keeps that cause.
+        error = next(iter(exc.failures.values()))[0]
+        raise error from (error.__cause__ or exc)
     # What dist_checkpointing.save writes beside the DCP files for a model state dict (no common objects).
     torch.save({}, directory / "common.pt")
     save_config(CheckpointingConfig(sharded_backend="torch_dist", sharded_backend_version=1), str(directory))
@@ -136,7 +141,8 @@ class CheckpointReader:
     """Reads whole tensors, or one layer of a per-layer tensor, from a ``torch_dist`` checkpoint.
 
     Works on checkpoints saved at any TP/PP (DCP reassembles the shards). ``prefix`` is prepended to every key
-    (NeMo stores the model under ``model.``).
+    (NeMo stores the model under ``model.``). A damaged checkpoint raises :class:`~wrpo_nemo.errors.InputError`
+    naming the file.
     """
 
     def __init__(self, directory: str | Path, prefix: str = "") -> None:
@@ -145,13 +151,16 @@ class CheckpointReader:
             raise FileNotFoundError(f"{self.directory} is not a torch_dist checkpoint (no .metadata)")
         self.prefix = prefix
         self._reader = FileSystemReader(str(self.directory))
-        self._metadata = self._reader.read_metadata()
+        try:
+            self._metadata = self._reader.read_metadata()
+        except Exception as exc:  # truncated, not a pickle, or not DCP's: the index is unreadable
+            raise checkpoint_read_error(self.directory, exc, [".metadata"]) from exc
         self._reader.set_up_storage_reader(self._metadata, True)
 
     def _tensor_metadata(self, key: str) -> TensorStorageMetadata:
         md = self._metadata.state_dict_metadata.get(self.prefix + key)
         if not isinstance(md, TensorStorageMetadata):
-            raise KeyError(f"tensor {self.prefix + key!r} is not in the checkpoint at {self.directory}")
+            raise InputError(self.directory, f"tensor {self.prefix + key!r} is not in this checkpoint")
         return md
 
     def tensor_keys(self) -> list[str]:
@@ -183,5 +192,9 @@ class CheckpointReader:
         target = torch.empty(sizes, dtype=md.properties.dtype)
         chunk = ChunkStorageMetadata(torch.Size(offsets), torch.Size(sizes))
         items = create_read_items_for_chunk_list(self.prefix + key, md, [chunk])
-        self._reader.read_data(LoadPlan(items), _FillPlanner(target)).wait()  # type: ignore[arg-type]
+        try:
+            self._reader.read_data(LoadPlan(items), _FillPlanner(target)).wait()  # type: ignore[arg-type]
+        except read_failures() as exc:
+            files = sorted({self._metadata.storage_data[item.storage_index].relative_path for item in items})
+            raise checkpoint_read_error(self.directory, exc, files) from exc
         return target if layer is None else target[0]

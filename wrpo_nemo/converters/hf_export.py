@@ -19,6 +19,7 @@ from wrpo_nemo.checkpoint.atomic import atomic_output_dir
 from wrpo_nemo.checkpoint.model import HF_ASSETS_DIR, read_model_config, weights_dir
 from wrpo_nemo.converters.dcp_stream import CheckpointReader
 from wrpo_nemo.converters.safetensors_io import INDEX_FILE, StreamingSafetensorsWriter, safetensors_header
+from wrpo_nemo.errors import InputError, read_json
 from wrpo_nemo.models.config import ModelConfig
 from wrpo_nemo.models.families import family_module
 from wrpo_nemo.models.llama import TensorMapping
@@ -46,7 +47,7 @@ def _groups(cfg: ModelConfig) -> list[_Group]:
 
 
 def check_checkpoint(reader: CheckpointReader, cfg: ModelConfig) -> None:
-    """Raise naming the first megatron tensor that is missing or does not fit ``cfg``."""
+    """Raise :class:`InputError` naming the first megatron tensor that is missing or does not fit ``cfg``."""
     for mapping in family_module(cfg).tensor_mappings(cfg):
         expected = (cfg.num_layers, *mapping.mcore_shape) if mapping.per_layer else mapping.mcore_shape
         actual = reader.shape(mapping.mcore_key)
@@ -55,8 +56,9 @@ def check_checkpoint(reader: CheckpointReader, cfg: ModelConfig) -> None:
         else:
             ok = actual == expected
         if not ok:
-            raise ValueError(
-                f"checkpoint tensor {mapping.mcore_key} has shape {actual}, model config implies {expected}"
+            raise InputError(
+                reader.directory,
+                f"checkpoint tensor {mapping.mcore_key} has shape {actual}, model config implies {expected}",
             )
 
 
@@ -77,7 +79,9 @@ def _shards(groups: list[_Group], dtype: torch.dtype, max_bytes: int) -> list[li
 def _write_config(assets: Path | None, out: Path, cfg: ModelConfig, dtype: torch.dtype) -> None:
     dtype_name = str(dtype).removeprefix("torch.")
     if assets is not None and (assets / "config.json").is_file():
-        hf = json.loads((assets / "config.json").read_text())
+        hf = read_json(assets / "config.json")
+        if not isinstance(hf, dict):
+            raise InputError(assets / "config.json", f"expected a JSON object, got {type(hf).__name__}")
         keys = [k for k in ("torch_dtype", "dtype") if k in hf] or ["torch_dtype"]
         hf.update(dict.fromkeys(keys, dtype_name))
     else:

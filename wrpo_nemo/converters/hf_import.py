@@ -24,22 +24,23 @@ from wrpo_nemo.checkpoint.model import (
 )
 from wrpo_nemo.converters.dcp_stream import Chunk, StreamedTensor, write_checkpoint
 from wrpo_nemo.converters.safetensors_io import HFWeights
+from wrpo_nemo.errors import InputError
 from wrpo_nemo.models.config import ModelConfig
 from wrpo_nemo.models.families import family_module, model_config_from_hf
 
 
 def check_hf_weights(weights: HFWeights, cfg: ModelConfig) -> None:
-    """Raise naming the first Hugging Face tensor that is missing or has the wrong shape for ``cfg``."""
+    """Raise :class:`InputError` naming the first HF tensor that is missing or has the wrong shape for ``cfg``."""
     for mapping in family_module(cfg).tensor_mappings(cfg):
         layers = range(cfg.num_layers) if mapping.per_layer else [None]
         for layer in layers:
             for name, shape in zip(mapping.hf_names(layer), mapping.hf_shapes, strict=True):
                 if name not in weights:
-                    raise KeyError(f"{weights.hf_dir}: tensor {name} is missing")
+                    raise InputError(weights.hf_dir, f"tensor {name} is missing")
                 if weights.shape(name) != shape:
-                    raise ValueError(
-                        f"{weights.hf_dir}: tensor {name} has shape {weights.shape(name)}, "
-                        f"but config.json implies {shape}"
+                    raise InputError(
+                        weights.hf_dir,
+                        f"tensor {name} has shape {weights.shape(name)}, but config.json implies {shape}",
                     )
 
 

@@ -11,10 +11,14 @@ rows (NeMo's padded size) and family ``llama``.
 
 from __future__ import annotations
 
+import gzip
 import shutil
 import tarfile
 import tempfile
 import uuid
+import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +33,7 @@ from wrpo_nemo.checkpoint.model import (
 )
 from wrpo_nemo.converters.dcp_stream import CheckpointReader, Chunk, StreamedTensor, write_checkpoint
 from wrpo_nemo.converters.hf_export import export_hf
+from wrpo_nemo.errors import InputError, first_line
 from wrpo_nemo.models.config import ModelConfig, RopeScaling
 
 NEMO_PREFIX = "model."
@@ -145,16 +150,51 @@ def write_nemo(checkpoint_dir: str | Path, nemo_path: str | Path, *, overwrite: 
     return nemo_path
 
 
+@contextmanager
+def _naming_members(nemo_path: Path, into: Path) -> Iterator[None]:
+    """An :class:`InputError` about a file extracted into ``into`` names the archive and its member instead."""
+    try:
+        yield
+    except InputError as exc:
+        if not Path(exc.path).is_relative_to(into):
+            raise
+        member = Path(exc.path).relative_to(into)
+        where = "" if member == Path(".") else f"member {member}: "
+        raise InputError(nemo_path, where + exc.problem) from exc
+
+
 def _extract(nemo_path: Path, into: Path) -> tuple[ModelConfig, Path]:
     if not nemo_path.is_file():
         raise FileNotFoundError(f".nemo archive {nemo_path} does not exist")
-    with tarfile.open(nemo_path, "r:*") as tar:
-        tar.extractall(into, filter="data")
+    try:
+        tar = tarfile.open(nemo_path, "r:*")  # noqa: SIM115 - closed by the with below
+    except tarfile.TarError as exc:
+        raise InputError(nemo_path, "not a .nemo archive: not a tar file (plain or compressed)") from exc
+    try:
+        with tar:
+            tar.extractall(into, filter="data")
+    except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as exc:
+        raise InputError(nemo_path, f"damaged .nemo archive, truncated? ({first_line(exc)})") from exc
     if not (into / CONFIG_YAML).is_file() or not (into / WEIGHTS).is_dir():
-        raise ValueError(f"{nemo_path} is not a .nemo archive: {CONFIG_YAML} or {WEIGHTS}/ is missing")
-    nemo_cfg = yaml.safe_load((into / CONFIG_YAML).read_text())
-    rows = CheckpointReader(into / WEIGHTS, prefix=NEMO_PREFIX).shape("embedding.word_embeddings.weight")[0]
-    return model_config_from_nemo(nemo_cfg, rows), into / WEIGHTS
+        raise InputError(nemo_path, f"not a .nemo archive: {CONFIG_YAML} or {WEIGHTS}/ is missing")
+    try:
+        nemo_cfg = yaml.safe_load((into / CONFIG_YAML).read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise InputError(nemo_path, f"member {CONFIG_YAML}: not valid YAML ({first_line(exc)})") from exc
+    if not isinstance(nemo_cfg, dict):
+        raise InputError(
+            nemo_path, f"member {CONFIG_YAML}: expected a mapping, got {type(nemo_cfg).__name__}"
+        )
+    with _naming_members(nemo_path, into):
+        reader = CheckpointReader(into / WEIGHTS, prefix=NEMO_PREFIX)
+        rows = reader.shape("embedding.word_embeddings.weight")[0]
+    try:
+        return model_config_from_nemo(nemo_cfg, rows), into / WEIGHTS
+    except (KeyError, TypeError, ValueError) as exc:
+        problem = f"{exc.args[0]} is missing" if isinstance(exc, KeyError) else str(exc)
+        raise InputError(
+            nemo_path, f"member {CONFIG_YAML}: {problem.removeprefix(CONFIG_YAML + ': ')}"
+        ) from exc
 
 
 def read_nemo(nemo_path: str | Path, out_dir: str | Path, *, overwrite: bool = False) -> ModelConfig:
@@ -163,7 +203,7 @@ def read_nemo(nemo_path: str | Path, out_dir: str | Path, *, overwrite: bool = F
     check_output(out_dir, overwrite)
     with tempfile.TemporaryDirectory(prefix=".nemo-read-", dir=Path(out_dir).parent) as tmp:
         cfg, weights = _extract(nemo_path, Path(tmp))
-        with atomic_output_dir(out_dir, overwrite) as staging:
+        with atomic_output_dir(out_dir, overwrite) as staging, _naming_members(nemo_path, Path(tmp)):
             _copy_weights(weights, NEMO_PREFIX, weights_dir(staging), "")
             write_model_config(staging, cfg)
             if (Path(tmp) / HF_ASSETS_DIR).is_dir():
@@ -179,6 +219,7 @@ def nemo_to_hf(nemo_path: str | Path, out_dir: str | Path, **export_kwargs: Any)
     with tempfile.TemporaryDirectory(prefix=".nemo-read-", dir=out_dir.parent) as tmp:
         cfg, weights = _extract(nemo_path, Path(tmp))
         # ``tmp/hf_assets`` (our archives) is where export_hf looks for assets by default.
-        return export_hf(
-            tmp, out_dir, model_cfg=cfg, weights_path=weights, key_prefix=NEMO_PREFIX, **export_kwargs
-        )
+        with _naming_members(nemo_path, Path(tmp)):
+            return export_hf(
+                tmp, out_dir, model_cfg=cfg, weights_path=weights, key_prefix=NEMO_PREFIX, **export_kwargs
+            )

@@ -13,7 +13,9 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
+
+from wrpo_nemo.errors import InputError, first_line, read_json
 
 _DTYPE_NAMES = {
     torch.float32: "F32",
@@ -37,21 +39,27 @@ class HFWeights:
         self._shape: dict[str, tuple[int, ...]] = {}
         self._dtype: dict[str, torch.dtype] = {}
         for path in files:
-            with safe_open(str(path), framework="pt") as f:
-                for name in f.keys():  # noqa: SIM118 - safe_open is not iterable
-                    sl = f.get_slice(name)
-                    self._file[name] = path
-                    self._shape[name] = tuple(sl.get_shape())
-                    if sl.get_dtype() not in _NAME_DTYPES:
-                        raise ValueError(f"{path.name}: tensor {name} has unsupported dtype {sl.get_dtype()}")
-                    self._dtype[name] = _NAME_DTYPES[sl.get_dtype()]
+            try:
+                with safe_open(str(path), framework="pt") as f:
+                    for name in f.keys():  # noqa: SIM118 - safe_open is not iterable
+                        sl = f.get_slice(name)
+                        self._file[name] = path
+                        self._shape[name] = tuple(sl.get_shape())
+                        if sl.get_dtype() not in _NAME_DTYPES:
+                            raise InputError(path, f"tensor {name} has unsupported dtype {sl.get_dtype()}")
+                        self._dtype[name] = _NAME_DTYPES[sl.get_dtype()]
+            except (SafetensorError, OSError) as exc:
+                raise _unreadable(path, exc) from exc
         self._check_index()
 
     def _check_index(self) -> None:
         index = self.hf_dir / INDEX_FILE
         if not index.is_file():
             return
-        listed = json.loads(index.read_text()).get("weight_map", {})
+        payload = read_json(index)
+        listed = payload.get("weight_map", {}) if isinstance(payload, dict) else None
+        if not isinstance(listed, dict):
+            raise InputError(index, "expected an object with a 'weight_map' object")
         absent = sorted(set(listed) - set(self._file))
         if absent:
             raise FileNotFoundError(f"{index} lists tensors missing from the shards: {absent[:5]}")
@@ -67,8 +75,17 @@ class HFWeights:
 
     def read(self, name: str) -> torch.Tensor:
         """A copy of tensor ``name``; the file is closed again afterwards."""
-        with safe_open(str(self._file[name]), framework="pt") as f:
-            return f.get_tensor(name)
+        path = self._file[name]
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                return f.get_tensor(name)
+        except (SafetensorError, OSError) as exc:
+            raise _unreadable(path, exc) from exc
+
+
+def _unreadable(path: Path, exc: BaseException) -> InputError:
+    size = f"{path.stat().st_size} bytes" if path.is_file() else "missing"
+    return InputError(path, f"not a readable safetensors file ({size}): {first_line(exc)}")
 
 
 def safetensors_header(entries: Iterable[tuple[str, tuple[int, ...], torch.dtype]]) -> tuple[bytes, int]:

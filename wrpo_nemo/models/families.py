@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from wrpo_nemo.errors import InputError, read_json
 from wrpo_nemo.models import llama
 from wrpo_nemo.models.config import ModelConfig
 
@@ -19,24 +19,40 @@ def read_hf_config(path_or_dict: str | Path | dict[str, Any]) -> dict[str, Any]:
     """The ``config.json`` dict of an HF folder, a path to a ``config.json``, or the dict itself."""
     if isinstance(path_or_dict, dict):
         return path_or_dict
-    path = Path(path_or_dict)
-    if path.is_dir():
-        path = path / "config.json"
+    path = _config_path(path_or_dict)
     if not path.is_file():
         raise FileNotFoundError(f"no Hugging Face config.json at {path}")
-    return json.loads(path.read_text())
+    hf = read_json(path)
+    if not isinstance(hf, dict):
+        raise InputError(path, f"expected a JSON object, got {type(hf).__name__}")
+    return hf
+
+
+def _config_path(path: str | Path) -> Path:
+    path = Path(path)
+    return path / "config.json" if path.is_dir() else path
 
 
 def model_config_from_hf(path_or_dict: str | Path | dict[str, Any]) -> ModelConfig:
-    """The :class:`ModelConfig` of a Hugging Face checkpoint (folder, ``config.json`` path or dict)."""
+    """The :class:`ModelConfig` of a Hugging Face checkpoint (folder, ``config.json`` path or dict).
+
+    Read from a file, a config this project cannot use raises :class:`InputError` naming the file.
+    """
     hf = read_hf_config(path_or_dict)
-    architectures = hf.get("architectures") or []
-    supported = [a for a in architectures if a in _ARCHITECTURE_MODULES]
-    if not supported:
-        raise ValueError(
-            f"config.json: architectures={architectures} is not supported; supported: {sorted(_ARCHITECTURE_MODULES)}"
-        )
-    return _ARCHITECTURE_MODULES[supported[0]].config_from_hf(hf)
+    try:
+        architectures = hf.get("architectures") or []
+        supported = [a for a in architectures if a in _ARCHITECTURE_MODULES]
+        if not supported:
+            raise ValueError(
+                f"config.json: architectures={architectures} is not supported; "
+                f"supported: {sorted(_ARCHITECTURE_MODULES)}"
+            )
+        return _ARCHITECTURE_MODULES[supported[0]].config_from_hf(hf)
+    except (ValueError, KeyError, TypeError) as exc:
+        if isinstance(path_or_dict, dict):
+            raise
+        problem = f"{exc.args[0]} is missing" if isinstance(exc, KeyError) else str(exc)
+        raise InputError(_config_path(path_or_dict), problem.removeprefix("config.json: ")) from exc
 
 
 def family_module(cfg: ModelConfig) -> ModuleType:

@@ -1,0 +1,77 @@
+"""What the command lines share: an error the user can act on ends with one line and exit code 2.
+
+A bad config key (:class:`~wrpo_nemo.training.config.ConfigError`), a bad data record
+(:class:`~wrpo_nemo.data.records.DataError`), an unreadable or unusable input file
+(:class:`~wrpo_nemo.errors.InputError`), and for the scripts a missing input or an existing output, each
+name what to fix; their tracebacks would only bury that. ``recipes/wrpo.py`` shows the traceback with
+``HYDRA_FULL_ERROR=1``, the scripts with ``--debug``::
+
+    parser = argparse.ArgumentParser(...)
+    add_debug_option(parser)
+    args = parser.parse_args(argv)
+    with user_errors(args.debug):
+        ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from wrpo_nemo.errors import InputError
+
+EXIT_CODE = 2
+"""Exit status of a user error, as for a command-line usage error (argparse's too)."""
+
+
+def user_error_types() -> tuple[type[Exception], ...]:
+    """What the scripts report in one line: the message names the key, the record or the path.
+
+    Imported when called (in an ``except`` clause, only once something was raised): ``wrpo_nemo.data`` pulls in
+    transformers, which a script's ``--help`` should not wait for.
+    """
+    from wrpo_nemo.data.records import DataError
+    from wrpo_nemo.training.config import ConfigError
+
+    return (ConfigError, DataError, InputError, FileNotFoundError, FileExistsError)
+
+
+def error_line(exc: BaseException) -> str:
+    """``<kind> error: <message>`` on one line (a message's own line breaks become ``; ``)."""
+    from wrpo_nemo.data.records import DataError
+    from wrpo_nemo.training.config import ConfigError
+
+    if isinstance(exc, ConfigError):
+        kind = "config error"
+    elif isinstance(exc, DataError):
+        kind = "data error"
+    elif isinstance(exc, InputError):
+        kind = "input error"
+    else:
+        kind = "error"
+    text = "; ".join(line.strip().rstrip(";") for line in str(exc).splitlines() if line.strip())
+    return f"{kind}: {text}"
+
+
+def add_debug_option(parser: argparse.ArgumentParser) -> None:
+    """``--debug``: show the traceback of a user error instead of its one line."""
+    parser.add_argument(
+        "--debug",
+        action="store_true",
+        help="show the full traceback of an input, data or config error (otherwise: one line, exit code 2)",
+    )
+
+
+@contextmanager
+def user_errors(debug: bool = False) -> Iterator[None]:
+    """Inside the block, an error of :func:`user_error_types` prints :func:`error_line` to stderr and exits
+    with :data:`EXIT_CODE`; with ``debug`` it propagates (traceback and all). Other errors always propagate."""
+    try:
+        yield
+    except user_error_types() as exc:
+        if debug:
+            raise
+        print(error_line(exc), file=sys.stderr)
+        sys.exit(EXIT_CODE)
