@@ -68,3 +68,45 @@ def test_old_checkpoints_are_renamed_before_deletion_and_hidden_leftovers_are_ne
     assert real_rename is None or callable(real_rename)
     assert renamed and renamed[0][0].endswith("step_0000002") and ".step_0000002.deleting-" in renamed[0][1]
     assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["step_0000004"]
+
+
+@pytest.mark.parametrize("damaged", ["__0_0.distcp", "common.pt"])
+def test_a_damaged_newest_checkpoint_is_reported_by_file_and_the_previous_one_resumes_exactly(
+    tmp_path, damaged, capsys
+):
+    import json
+
+    straight = tmp_path / "straight"
+    run(_config(straight, max_steps=6))
+    split = tmp_path / "split"
+    run(_config(split, max_steps=6))
+    # As if step 6's checkpoint had been damaged after step 4's was complete (metrics.jsonl is cut back).
+    newest = ckpt.list_checkpoints(split / "sft")[-1]
+    target = newest / "weights" / damaged
+    target.write_bytes(target.read_bytes()[: target.stat().st_size // 2])
+    done = ckpt.read_trainer_state(ckpt.list_checkpoints(split / "sft")[-2])
+    assert done["step"] == 4
+    result = run(_config(split, max_steps=6))["sft"]
+    out = capsys.readouterr().out
+    assert f"checkpoint {newest} cannot be resumed from" in out and str(target) in out
+    assert result.steps == 6
+    timing = {"tokens_per_s", "step_time_s"}
+
+    def train(run_dir):
+        records = [json.loads(x) for x in (run_dir / "sft" / "metrics.jsonl").read_text().splitlines()]
+        return [{k: v for k, v in r.items() if k not in timing} for r in records if r["split"] == "train"]
+
+    assert train(split) == train(straight)
+
+
+def test_when_no_checkpoint_loads_the_error_names_each_damaged_file(tmp_path):
+    from wrpo_nemo.errors import InputError
+
+    run(_config(tmp_path, max_steps=4))
+    for path in ckpt.list_checkpoints(tmp_path / "sft"):
+        target = path / "weights" / "common.pt"
+        target.write_bytes(target.read_bytes()[:100])
+    with pytest.raises(
+        InputError, match=r"no checkpoint of this stage can be resumed from.*step_0000004.*common\.pt"
+    ):
+        run(_config(tmp_path, max_steps=4))

@@ -26,12 +26,15 @@ import torch.distributed as dist
 
 from wrpo_nemo import compat
 from wrpo_nemo.checkpoint.atomic import remove_tree, replace_path
+from wrpo_nemo.checkpoint.damage import checkpoint_read_error, find_damage, read_failures
 from wrpo_nemo.checkpoint.model import (
     copy_hf_assets,
     model_sharded_state_dict,
+    read_model_config,
     weights_dir,
     write_model_config,
 )
+from wrpo_nemo.errors import InputError
 from wrpo_nemo.models.config import ModelConfig
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
@@ -152,8 +155,11 @@ def save_training_checkpoint(
         failure = _save_failure(exc, Path(stage_dir), final)
         if rank == 0:
             shutil.rmtree(staging, ignore_errors=True)
+    if failure is None and rank == 0 and (problem := damage(final)) is not None:
+        failure = CheckpointSaveError(f"checkpoint {final} was written but does not verify: {problem}")
     if _any_rank(failure is not None):
         raise failure or CheckpointSaveError(f"saving checkpoint {final} failed on another rank")
+    # The new checkpoint verified: deleting older ones never removes the only loadable one.
     if rank == 0 and keep_last > 0:
         # Renamed out of the way before deletion: a crash never leaves a half-deleted step_N behind.
         for old in list_checkpoints(stage_dir)[:-keep_last]:
@@ -171,18 +177,51 @@ def _any_rank(flag: bool) -> bool:
     return bool(value.item())
 
 
+def damage(path: str | Path) -> InputError | None:
+    """What makes the training checkpoint ``path`` unloadable, found cheaply (files present and as long as the
+    checkpoint's index says, ``common.pt`` a complete archive, the model config readable), or ``None``."""
+    try:
+        read_model_config(path)
+    except (InputError, FileNotFoundError) as exc:
+        return exc if isinstance(exc, InputError) else InputError(Path(path) / "model_config.json", "missing")
+    found = find_damage(weights_dir(path))
+    if found:
+        name, problem = found[0]
+        return InputError(weights_dir(path) / name, problem)
+    return None
+
+
+def read_trainer_state(path: str | Path) -> dict[str, Any]:
+    """The trainer state (common state) of the training checkpoint ``path``; a damaged one raises
+    :class:`~wrpo_nemo.errors.InputError` naming the file."""
+    from megatron.core import dist_checkpointing
+
+    try:
+        with compat.redirect_cuda_to_cpu():
+            return dist_checkpointing.load_common_state_dict(str(weights_dir(path)))[TRAINER_KEY]
+    except read_failures() as exc:
+        raise checkpoint_read_error(weights_dir(path), exc, ["common.pt"]) from exc
+
+
 def load_training_checkpoint(path: str | Path, model, optimizer) -> dict[str, Any]:
-    """Restore weights, optimizer and RNG from ``path`` into this rank's parts; returns the trainer state."""
+    """Restore weights, optimizer and RNG from ``path`` into this rank's parts; returns the trainer state.
+
+    A damaged checkpoint raises :class:`~wrpo_nemo.errors.InputError` naming the file, before anything is
+    assigned to the model or the optimizer."""
     from megatron.core import dist_checkpointing
 
     state = model_sharded_state_dict(model)
     state[OPTIMIZER_KEY] = optimizer.sharded_state_dict(model_sharded_state_dict(model), is_loading=True)
+    try:
+        with compat.redirect_cuda_to_cpu():
+            loaded = dist_checkpointing.load(state, str(weights_dir(path)))
+    except read_failures() as exc:
+        raise checkpoint_read_error(weights_dir(path), exc) from exc
     with compat.redirect_cuda_to_cpu():
-        loaded = dist_checkpointing.load(state, str(weights_dir(path)))
         optimizer.load_state_dict(loaded.pop(OPTIMIZER_KEY))
     trainer = loaded.pop(TRAINER_KEY, None)
     if trainer is None:
-        trainer = dist_checkpointing.load_common_state_dict(str(weights_dir(path)))[TRAINER_KEY]
+        trainer = read_trainer_state(path)
     result = model.load_state_dict(loaded, strict=False)
     missing = [k for k in result.missing_keys if not k.endswith("_extra_state")]
     if missing:

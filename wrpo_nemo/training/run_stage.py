@@ -18,8 +18,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from wrpo_nemo.checkpoint.model import load_model_checkpoint, weights_dir
+from wrpo_nemo.checkpoint.model import load_model_checkpoint
 from wrpo_nemo.data.loader import PackedBatchLoader
+from wrpo_nemo.errors import InputError
 from wrpo_nemo.training import checkpoint as ckpt
 from wrpo_nemo.training import plan
 from wrpo_nemo.training.config import ConfigError, RunConfig, StageSection
@@ -159,16 +160,6 @@ def build_evaluator(cfg: RunConfig, section: StageSection, stage: Stage, inputs:
     return Evaluator(loader.next_global_batch(), stage, device)
 
 
-def _finished(latest: Path | None) -> dict | None:
-    """The trainer state of ``latest`` when it marks a finished stage."""
-    if latest is None:
-        return None
-    from megatron.core import dist_checkpointing
-
-    state = dist_checkpointing.load_common_state_dict(str(weights_dir(latest)))[ckpt.TRAINER_KEY]
-    return state if state.get("finished") else None
-
-
 def _extended(done: dict, section: StageSection, stage: str) -> bool:
     """Whether a finished stage's checkpoint is now planned to go on (a larger max_steps or more epochs); a
     plan shorter than the steps it completed is refused (:func:`plan.reconcile`)."""
@@ -299,16 +290,44 @@ class StageRunner:
         return StageResult(path, self.loop.step, self.metrics, eval_metrics, mode, preempted)
 
 
+def _report(message: str) -> None:
+    if dist.get_rank() == 0:
+        print(message, flush=True)
+
+
 def run_stage(
     cfg: RunConfig, stage: str, inputs: RunInputs, start: StartWeights, dp: int, device, preemption
 ) -> StageResult:
-    """Train one stage to its end (or to a preemption); a finished stage on resume is only reported."""
-    latest = ckpt.latest_checkpoint(Path(cfg.run_dir) / stage) if cfg.checkpoint.resume else None
-    if (done := _finished(latest)) is not None and not _extended(done, getattr(cfg, stage), stage):
-        return StageResult(
-            str(latest), done["step"], done.get("final_metrics", {}), reference=done.get("reference")
+    """Train one stage to its end (or to a preemption); a finished stage on resume is only reported.
+
+    With ``checkpoint.resume`` the newest checkpoint that verifies and loads is used: a damaged one (a file
+    missing or shorter than the checkpoint's index says, a truncated ``common.pt``, a failing load) is
+    reported, naming the file, and the previous complete one is tried.
+    """
+    candidates = ckpt.list_checkpoints(Path(cfg.run_dir) / stage)[::-1] if cfg.checkpoint.resume else []
+    runner, problems = None, []
+    for path in candidates:
+        try:
+            if (problem := ckpt.damage(path)) is not None:
+                raise problem
+            done = ckpt.read_trainer_state(path)
+            if done.get("finished") and not _extended(done, getattr(cfg, stage), stage):
+                return StageResult(
+                    str(path), done["step"], done.get("final_metrics", {}), reference=done.get("reference")
+                )
+            runner = runner or StageRunner(cfg, stage, inputs, start, dp, device)
+            runner.resume_from(path)
+        except InputError as exc:
+            problems.append(f"{path.name}: {exc}")
+            _report(f"[{stage}] checkpoint {path} cannot be resumed from: {exc}; trying the previous one")
+            continue
+        return runner.run(preemption)
+    if candidates:
+        raise InputError(
+            ckpt.checkpoint_root(Path(cfg.run_dir) / stage),
+            "no checkpoint of this stage can be resumed from ("
+            + "; ".join(problems)
+            + "): remove them or set "
+            "checkpoint.resume=false to start the stage again",
         )
-    runner = StageRunner(cfg, stage, inputs, start, dp, device)
-    if latest is not None:
-        runner.resume_from(latest)
-    return runner.run(preemption)
+    return StageRunner(cfg, stage, inputs, start, dp, device).run(preemption)
