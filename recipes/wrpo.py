@@ -25,6 +25,7 @@ from omegaconf import DictConfig  # noqa: E402
 from wrpo_nemo.cli import error_line  # noqa: E402
 from wrpo_nemo.data.records import DataError  # noqa: E402
 from wrpo_nemo.errors import InputError  # noqa: E402
+from wrpo_nemo.training.checkpoint import CheckpointSaveError  # noqa: E402
 from wrpo_nemo.training.config import ConfigError  # noqa: E402
 from wrpo_nemo.training.hydra_config import (  # noqa: E402
     CONFIG_ERROR_EXIT,
@@ -50,7 +51,12 @@ def main(cfg: DictConfig) -> None:
         from wrpo_nemo.pipeline import run
 
         results = run(run_cfg)
-    except (ConfigError, DataError, InputError) as exc:  # one line naming the key, record or file; exit 2
+    except (
+        ConfigError,
+        DataError,
+        InputError,
+        CheckpointSaveError,
+    ) as exc:  # one line naming what to fix; exit 2
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
         print(error_line(exc), file=sys.stderr)

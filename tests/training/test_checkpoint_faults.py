@@ -110,3 +110,25 @@ def test_when_no_checkpoint_loads_the_error_names_each_damaged_file(tmp_path):
         InputError, match=r"no checkpoint of this stage can be resumed from.*step_0000004.*common\.pt"
     ):
         run(_config(tmp_path, max_steps=4))
+
+
+def test_a_run_folder_moved_elsewhere_resumes(tmp_path):
+    import json
+
+    straight = tmp_path / "straight"
+    run(_config(straight, max_steps=4))
+    before = tmp_path / "before"
+    run(_config(before, max_steps=4))
+    shutil.rmtree(ckpt.list_checkpoints(before / "sft")[-1])  # as if stopped after step 2's checkpoint
+    moved = tmp_path / "elsewhere" / "moved"
+    moved.parent.mkdir()
+    shutil.move(before, moved)
+    result = run(_config(moved, max_steps=4))["sft"]
+    assert result.steps == 4
+    timing = {"tokens_per_s", "step_time_s"}
+
+    def train(run_dir):
+        records = [json.loads(x) for x in (run_dir / "sft" / "metrics.jsonl").read_text().splitlines()]
+        return [{k: v for k, v in r.items() if k not in timing} for r in records if r["split"] == "train"]
+
+    assert train(moved) == train(straight)
