@@ -51,7 +51,9 @@ def _config(run_dir: Path, **sft):
     data["run_dir"] = str(run_dir)
     data["data"]["source"]["cache_dir"] = str(run_dir / "cache")
     for key, value in sft.items():
-        if key in ("lr", "min_lr", "warmup_ratio"):
+        if key == "async_save":
+            data["checkpoint"][key] = value
+        elif key in ("lr", "min_lr", "warmup_ratio"):
             data["sft"]["optim"][key] = value
         else:
             data["sft"][key] = value

@@ -17,6 +17,8 @@ from __future__ import annotations
 import random
 import re
 import shutil
+import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +30,7 @@ from wrpo_nemo import compat
 from wrpo_nemo.checkpoint.atomic import remove_tree, replace_path
 from wrpo_nemo.checkpoint.damage import checkpoint_read_error, find_damage, read_failures
 from wrpo_nemo.checkpoint.model import (
+    CONFIG_FILE,
     copy_hf_assets,
     model_sharded_state_dict,
     read_model_config,
@@ -117,6 +120,70 @@ def _causes(exc: BaseException):
         exc = exc.__cause__ or exc.__context__
 
 
+class AsyncSaves:
+    """Checkpoint writes in the background (megatron's asynchronous dist-checkpoint save): the step loop goes
+    on while a forked writer stores the tensors; at most one save is in flight.
+
+    A checkpoint is published (renamed from its hidden ``.partial`` folder, then verified) only when its write
+    has finished on every rank, in :meth:`poll` after a later step or in :meth:`wait`; until then it is never
+    listed, so a crash or kill during the write leaves the previous checkpoint the newest. Every rank calls
+    :meth:`poll` after each step (a collective) and :meth:`wait` before the final save and before exiting.
+    """
+
+    def __init__(self) -> None:
+        from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
+
+        self.queue = AsyncCallsQueue()
+        self.in_flight: Path | None = None
+        self.published: list[tuple[Path, float]] = []
+        """(checkpoint, seconds from the save call to its publication) of every finished save."""
+        self._started = 0.0
+
+    def schedule(self, request, final: Path) -> None:
+        with compat.redirect_cuda_to_cpu():
+            self.queue.schedule_async_request(request)
+        self.in_flight, self._started = final, time.perf_counter()
+
+    def poll(self, blocking: bool = False) -> None:
+        """Publish the save in flight if its write has finished on every rank (``blocking``: wait for it)."""
+        if self.in_flight is None:
+            return
+        final, self.in_flight = self.in_flight, None
+        try:
+            with compat.redirect_cuda_to_cpu():
+                done = self.queue.maybe_finalize_async_calls(blocking=blocking)
+        except Exception as exc:
+            stage_dir = final.parent.parent
+            if not dist.is_initialized() or dist.get_rank() == 0:
+                shutil.rmtree(_staging(final), ignore_errors=True)
+            raise _save_failure(exc, stage_dir, final) from exc
+        if done or blocking:
+            self.published.append((final, time.perf_counter() - self._started))
+        else:
+            self.in_flight = final
+
+    def wait(self) -> None:
+        self.poll(blocking=True)
+
+    def close(self) -> None:
+        self.wait()
+        self.queue.close()
+
+
+def _staging(final: Path) -> Path:
+    return final.with_name(f".{final.name}.partial")
+
+
+def remove_stale_partials(stage_dir: str | Path) -> list[Path]:
+    """Delete hidden ``.partial`` / ``.deleting`` folders a killed run left in the stage's checkpoint folder
+    (call on rank 0 when a stage starts, before any save of its own); returns them."""
+    root = checkpoint_root(stage_dir)
+    stale = [p for p in root.iterdir() if p.name.startswith(".step_")] if root.is_dir() else []
+    for path in stale:
+        shutil.rmtree(path, ignore_errors=True)
+    return stale
+
+
 def save_training_checkpoint(
     stage_dir: str | Path,
     step: int,
@@ -127,13 +194,22 @@ def save_training_checkpoint(
     *,
     keep_last: int,
     hf_assets: str | Path | None = None,
+    async_saves: AsyncSaves | None = None,
 ) -> Path:
-    """Save everything needed to continue after ``step`` (a collective over all ranks); returns its path."""
+    """Save everything needed to continue after ``step`` (a collective over all ranks); returns its path.
+
+    Written into a hidden ``.partial`` folder, flushed, renamed into place and verified; only then are
+    checkpoints beyond ``keep_last`` deleted (renamed away first). With ``async_saves`` the tensors are written
+    in the background and all of that happens when the write has finished (:class:`AsyncSaves`); the path
+    returned does not exist before.
+    """
     from megatron.core import dist_checkpointing
 
+    if async_saves is not None:
+        async_saves.wait()  # one save in flight at a time
     root = checkpoint_root(stage_dir)
     final = root / f"step_{step:07d}"
-    staging = root / f".step_{step:07d}.partial"
+    staging = _staging(final)
     rank = dist.get_rank() if dist.is_initialized() else 0
     if rank == 0:
         shutil.rmtree(staging, ignore_errors=True)
@@ -142,21 +218,53 @@ def save_training_checkpoint(
     state = model_sharded_state_dict(model)
     state[OPTIMIZER_KEY] = optimizer.sharded_state_dict(model_sharded_state_dict(model))
     state[TRAINER_KEY] = {**trainer_state, "rng": _rng_state()}
+    publish = partial(_publish, Path(stage_dir), final, model_cfg, hf_assets, keep_last)
     failure = None
     try:
         with compat.redirect_cuda_to_cpu():
-            dist_checkpointing.save(state, str(weights_dir(staging)))
+            request = dist_checkpointing.save(
+                state, str(weights_dir(staging)), async_sharded_save=async_saves is not None
+            )
+        if async_saves is not None:
+            request.add_finalize_fn(publish)
+            async_saves.schedule(request, final)
+            return final
         if rank == 0:
-            write_model_config(staging, model_cfg)
-            if hf_assets is not None and Path(hf_assets).is_dir():
-                copy_hf_assets(hf_assets, staging / "hf_assets")
-            replace_path(staging, final)  # flushed to disk, then published
+            _write_extras(staging, model_cfg, hf_assets)
     except Exception as exc:
         failure = _save_failure(exc, Path(stage_dir), final)
         if rank == 0:
             shutil.rmtree(staging, ignore_errors=True)
-    if failure is None and rank == 0 and (problem := damage(final)) is not None:
-        failure = CheckpointSaveError(f"checkpoint {final} was written but does not verify: {problem}")
+    if _any_rank(failure is not None):
+        raise failure or CheckpointSaveError(f"saving checkpoint {final} failed on another rank")
+    publish()
+    return final
+
+
+def _write_extras(staging: Path, model_cfg: ModelConfig, hf_assets) -> None:
+    write_model_config(staging, model_cfg)
+    if hf_assets is not None and Path(hf_assets).is_dir():
+        copy_hf_assets(hf_assets, staging / "hf_assets")
+
+
+def _publish(stage_dir: Path, final: Path, model_cfg: ModelConfig, hf_assets, keep_last: int) -> None:
+    """Rename the written checkpoint into place (flushed first), verify it, then apply ``keep_last``
+    (collective; after an asynchronous write megatron calls it on every rank once all have finished)."""
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    staging = _staging(final)
+    failure = None
+    if rank == 0:
+        try:
+            if not (staging / CONFIG_FILE).is_file():
+                _write_extras(staging, model_cfg, hf_assets)
+            replace_path(staging, final)  # flushed to disk, then published
+            if (problem := damage(final)) is not None:
+                failure = CheckpointSaveError(
+                    f"checkpoint {final} was written but does not verify: {problem}"
+                )
+        except Exception as exc:
+            failure = _save_failure(exc, stage_dir, final)
+            shutil.rmtree(staging, ignore_errors=True)
     if _any_rank(failure is not None):
         raise failure or CheckpointSaveError(f"saving checkpoint {final} failed on another rank")
     # The new checkpoint verified: deleting older ones never removes the only loadable one.
@@ -165,7 +273,6 @@ def save_training_checkpoint(
         for old in list_checkpoints(stage_dir)[:-keep_last]:
             remove_tree(old)
     _barrier()
-    return final
 
 
 def _any_rank(flag: bool) -> bool:

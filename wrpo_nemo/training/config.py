@@ -122,6 +122,10 @@ class CheckpointSection:
     """Checkpoints kept per stage; older ones are deleted after a newer one is complete."""
     resume: bool = False
     """Continue from the newest checkpoint in ``run_dir`` (bit-for-bit at the same layout)."""
+    async_save: bool = False
+    """Write the periodic checkpoints in the background (megatron's asynchronous dist-checkpoint save): training
+    goes on while a forked writer stores the tensors; a checkpoint is published only once written everywhere.
+    The final (and preemption) save is synchronous."""
 
 
 @dataclass

@@ -205,6 +205,10 @@ class StageRunner:
         self.metrics: dict[str, float] = {}
         self.save_seconds: list[float] = []
         self.logger: MetricsLogger | None = None
+        self.async_saves = ckpt.AsyncSaves() if cfg.checkpoint.async_save else None
+        if dist.get_rank() == 0:
+            for stale in ckpt.remove_stale_partials(self.stage_dir):
+                print(f"[{name}] removed {stale}, left by an interrupted save", flush=True)
 
     def resume_from(self, path: Path) -> None:
         """Continue from a training checkpoint: weights, optimizer, data position and RNG as saved; the plan
@@ -224,9 +228,11 @@ class StageRunner:
     def _stateful(self) -> dict[str, Any]:
         return {"": self.loop, "data": self.loader}
 
-    def save(self, finished: bool) -> str:
-        """Save a training checkpoint (collective); its duration is printed and logged as ``checkpoint_save_s``
-        (the preemption lead time must cover one step plus one save)."""
+    def save(self, finished: bool, background: bool = False) -> str:
+        """Save a training checkpoint (collective). Its blocking time is printed and logged as
+        ``checkpoint_save_s`` (the preemption lead time must cover one step plus one save); with ``background``
+        (``checkpoint.async_save``) the tensors are written while training goes on and the checkpoint is
+        published later (:meth:`_poll_saves`)."""
         state = {
             **collect_state(self._stateful()),
             **self.stage.state_dict(),
@@ -234,18 +240,36 @@ class StageRunner:
             "final_metrics": self.metrics,
             "plan": self.plan.to_dict(),
         }
+        async_saves = self.async_saves if background else None
+        if async_saves is None and self.async_saves is not None:
+            self._poll_saves(blocking=True)  # a synchronous save comes after the one in flight
         start = time.perf_counter()
         path = ckpt.save_training_checkpoint(
             self.stage_dir, self.loop.step, self.model, self.optimizer, state, self.inputs.model_cfg,
-            keep_last=self.cfg.checkpoint.keep_last, hf_assets=self.inputs.hf_assets,
+            keep_last=self.cfg.checkpoint.keep_last, hf_assets=self.inputs.hf_assets, async_saves=async_saves,
         )  # fmt: skip
         seconds = time.perf_counter() - start
         self.save_seconds.append(seconds)
         if self.logger is not None:
             self.logger.log(self.loop.step, {"checkpoint_save_s": seconds}, split="checkpoint")
-        if dist.get_rank() == 0:
-            print(f"[{self.name}] checkpoint {path.name} saved in {seconds:.1f} s", flush=True)
+        how = "started in the background after" if async_saves is not None else "saved in"
+        _report(f"[{self.name}] checkpoint {path.name} {how} {seconds:.1f} s")
         return str(path)
+
+    def _poll_saves(self, blocking: bool = False) -> None:
+        """Publish a background save whose write has finished (collective)."""
+        if self.async_saves is None:
+            return
+        self.async_saves.poll(blocking=blocking)
+        for path, seconds in self.async_saves.published:
+            _report(
+                f"[{self.name}] checkpoint {path.name} written in the background and published after {seconds:.1f} s"
+            )
+            if self.logger is not None:
+                self.logger.log(
+                    int(path.name.split("_")[-1]), {"checkpoint_async_s": seconds}, split="checkpoint"
+                )
+        self.async_saves.published.clear()
 
     def announce(self) -> None:
         if dist.get_rank() == 0:
@@ -274,13 +298,21 @@ class StageRunner:
         def evaluate(loop: TrainLoop, _) -> None:
             logger.log(loop.step, self.evaluate(self.ddp), split="eval")
 
+        background = self.async_saves is not None
         callbacks = [
             record,
+            lambda loop, _: self._poll_saves(),
             every(log.eval_interval, evaluate),
             lambda loop, _: preemption.agreed(),
-            every(self.cfg.checkpoint.save_interval, lambda loop, _: self.save(finished=False)),
+            every(
+                self.cfg.checkpoint.save_interval,
+                lambda loop, _: self.save(finished=False, background=background),
+            ),
         ]
-        preempted = self.loop.run(callbacks)
+        try:
+            preempted = self.loop.run(callbacks)
+        finally:  # a background save always finishes (and is published) before the stage ends
+            self._poll_saves(blocking=True)
         eval_metrics = {} if preempted else self.evaluate(self.ddp)
         if eval_metrics:
             logger.log(self.loop.step, eval_metrics, split="eval")
