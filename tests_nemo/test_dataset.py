@@ -82,6 +82,9 @@ def test_packed_rows_after_nemo_collate_have_the_data_layers_token_ids_and_label
     reference = _reference(path, tmp_path, nemo_tokenizer.tokenizer, seq_length)
     assert len(dataset) < len(records)  # rows hold several prompts
     assert sorted(k for row in dataset.data for k in row["prompts"]) == list(range(len(reference)))
+    # A sample is a row (batch sizes count rows); the dataset says how many prompts a row holds on average.
+    assert dataset.num_prompts == len(reference)
+    assert dataset.prompts_per_row == pytest.approx(len(reference) / len(dataset))
 
     for row in dataset.data:
         out = dataset.global_collate_fn([row], eos_id=nemo_tokenizer.eos_id)

@@ -1,4 +1,5 @@
-"""The NeMo-Aligner example: its config carries the paper's values and its entry point's imports resolve."""
+"""The NeMo-Aligner example: its config carries the paper's values, its entry point's imports resolve, and it
+names the container of the stack the lane tests."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import os
 
 from omegaconf import OmegaConf
 
+from wrpo_nemo.integrations.nemo_aligner import stack
 from wrpo_nemo.integrations.nemo_aligner.config import WRPOLossConfig
 from wrpo_nemo.integrations.nemo_aligner.dataset import data_configs
 
@@ -43,3 +45,43 @@ def test_entry_point_imports_every_name_it_uses_from_nemo_aligner() -> None:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)  # runs the imports; main() needs CUDA and is not called
     assert callable(module.main)
+
+
+def _lock_pins() -> dict[str, str]:
+    pins = {}
+    with open(os.path.join(EXAMPLE, "..", "..", "requirements", "nemo-lane.txt"), encoding="utf-8") as lock:
+        for line in lock:
+            name, sep, version = line.strip().partition("==")
+            if sep and not name.startswith("#"):
+                pins[name.lower().replace("_", "-")] = version
+    return pins
+
+
+def test_the_lane_installs_the_stack_the_example_checks_against() -> None:
+    pins = _lock_pins()
+    assert {
+        "nemo": pins["nemo-toolkit"],
+        "nemo_aligner": pins["nemo-aligner"],
+        "megatron.core": pins["megatron-core"],
+    } == stack.TESTED
+    assert stack.installed() == stack.TESTED
+    assert stack.differences(stack.installed()) == []
+
+
+def test_versions_off_the_tested_minor_are_reported() -> None:
+    versions = {"nemo": "2.4.0", "nemo_aligner": "0.7.0", "megatron.core": "0.14.0rc7"}
+    assert stack.differences(versions) == ["megatron.core 0.14.0rc7 (the CI lane tests 0.13.1)"]
+
+
+def test_the_sbatch_and_readme_name_the_tested_container_in_both_notations() -> None:
+    docker = stack.CONTAINER
+    enroot = docker.replace("/", "#", 1)  # REGISTRY#IMAGE:TAG
+    assert enroot == "nvcr.io#nvidia/nemo:25.07"
+    with open(os.path.join(EXAMPLE, "slurm_wrpo.sbatch"), encoding="utf-8") as handle:
+        sbatch = handle.read()
+    with open(os.path.join(EXAMPLE, "README.md"), encoding="utf-8") as handle:
+        readme = handle.read()
+    assert f'CONTAINER="${{CONTAINER:-{enroot}}}"' in sbatch
+    assert f"nemo-aligner=={stack.TESTED['nemo_aligner']}" in sbatch
+    assert docker in readme and enroot in readme
+    assert f"nemo-aligner=={stack.TESTED['nemo_aligner']}" in readme

@@ -23,6 +23,7 @@ WITHOUT_NEMO = textwrap.dedent(
     import wrpo_nemo.integrations.nemo_aligner.config
     import wrpo_nemo.integrations.nemo_aligner.dataset
     import wrpo_nemo.integrations.nemo_aligner.segments
+    import wrpo_nemo.integrations.nemo_aligner.stack
     try:
         import wrpo_nemo.integrations.nemo_aligner.model
     except ImportError as err:

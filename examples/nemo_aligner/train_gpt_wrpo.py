@@ -3,7 +3,8 @@
 The flow is NeMo-Aligner's ``examples/nlp/gpt/train_gpt_dpo.py`` with three classes swapped: the model
 (:class:`MegatronGPTWRPOModel`), the datasets (three responses per prompt, unpacked or packed) and the trainer
 (:class:`WRPOTrainer`, which gives the model its optimizer step for alpha_t). Run it in the NeMo container
-(``nvcr.io/nvidia/nemo:25.02``, see README.md beside this file)::
+(``nvcr.io/nvidia/nemo:25.07``, NeMo 2.4 with megatron-core 0.13) with NeMo-Aligner 0.7.0 and this repository
+on ``PYTHONPATH`` (see README.md beside this file)::
 
     torchrun --nproc_per_node=8 examples/nemo_aligner/train_gpt_wrpo.py \\
         pretrained_checkpoint.restore_from_path=/models/llama3-8b-sft.nemo \\
@@ -40,6 +41,7 @@ from nemo_aligner.utils.utils import (
 )
 from omegaconf.omegaconf import OmegaConf
 
+from wrpo_nemo.integrations.nemo_aligner import stack
 from wrpo_nemo.integrations.nemo_aligner.dataset import wrpo_custom_collate
 from wrpo_nemo.integrations.nemo_aligner.model import MegatronGPTWRPOModel
 from wrpo_nemo.integrations.nemo_aligner.packed import (
@@ -52,8 +54,20 @@ OmegaConf.register_new_resolver("multiply", lambda x, y: x * y, replace=True)
 OmegaConf.register_new_resolver("int_div", lambda x, y: x // y, replace=True)
 
 
+def log_stack() -> None:
+    """Log the NeMo, NeMo-Aligner and megatron-core versions, and warn about those the CI lane does not test."""
+    versions = stack.installed()
+    logging.info("WRPO on " + ", ".join(f"{name} {version}" for name, version in versions.items()))
+    for line in stack.differences(versions):
+        logging.warning(
+            f"untested version: {line}; the tested stack is {stack.CONTAINER} with "
+            f"nemo-aligner=={stack.TESTED['nemo_aligner']} (examples/nemo_aligner/README.md)"
+        )
+
+
 @hydra_runner(config_path="conf", config_name="gpt_wrpo")
 def main(cfg) -> None:
+    log_stack()
     cfg.model = load_and_override_model_config(cfg.pretrained_checkpoint.restore_from_path, cfg.model)
     logging.info(f"\n{OmegaConf.to_yaml(cfg)}")
 
@@ -97,6 +111,13 @@ def main(cfg) -> None:
         seed=cfg.model.seed,
         tokenizer=ptl_model.tokenizer,
     )
+    if packed:
+        # As in NeMo-Aligner's packed DPO, the batch sizes count packed rows, not prompts.
+        rows = cfg.model.global_batch_size
+        logging.info(
+            f"packed WRPO: model.global_batch_size={rows} rows, about {rows * train_ds.prompts_per_row:.0f} "
+            f"prompts per optimizer step ({train_ds.prompts_per_row:.2f} prompts per row)"
+        )
     loaders = {}
     for name, dataset, consumed, random in (
         ("train", train_ds, consumed_samples, True),

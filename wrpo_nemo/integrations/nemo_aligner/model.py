@@ -9,7 +9,10 @@ reference policy by CPU weight swap or with LoRA adapters switched off are the p
   beta = ``dpo.ref_policy_kl_penalty`` and alpha = ``alpha_at(step, max_steps)`` of the trainer's optimizer
   step, which :class:`~wrpo_nemo.integrations.nemo_aligner.trainer.WRPOTrainer` sets before every step;
 - metrics are ``wrpo_loss``'s (TRL names plus ``alpha`` and the per-response rewards), averaged over the
-  data-parallel group and the micro-batches.
+  data-parallel group and the micro-batches;
+- with context parallelism the loss is multiplied by the CP size only on megatron-core < 0.12
+  (:func:`loss_cp_factor`): from 0.12 on, megatron's ``forward_step`` does it itself, and the parent's
+  unconditional ``loss * cp_size`` then multiplies the gradient by the CP size.
 
 The parent's two-way ``gather_and_split_rewards`` and ``sft_loss_func`` are left unused: only the parent's
 forward step called them, and this class replaces it (the SFT term is ``wrpo_loss``'s ``sft_weight``).
@@ -21,6 +24,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
+from megatron.core import package_info as megatron_package_info
 from megatron.core.num_microbatches_calculator import get_num_microbatches
 from megatron.core.pipeline_parallel.schedules import get_forward_backward_func
 from megatron.core.utils import divide
@@ -44,6 +48,7 @@ from wrpo_nemo.integrations.nemo_aligner.segments import (
     reduce_response_logps,
     split_roles,
 )
+from wrpo_nemo.integrations.nemo_aligner.stack import megatron_scales_cp_loss
 from wrpo_nemo.losses import wrpo_loss
 
 PACKED_KEYS = (
@@ -57,9 +62,26 @@ UNPACKED_SEQUENCE_KEYS = (*ROLES, *(f"{role}_labels" for role in ROLES), "attent
 """Keys whose sequence dimension context parallelism splits (unpacked batches)."""
 
 
+MEGATRON_SCALES_CP_LOSS = megatron_scales_cp_loss(megatron_package_info.__version__)
+"""Whether the installed megatron-core's schedules multiply the returned loss by the context-parallel size."""
+
+
 def device() -> torch.device:
     """Where batches and collectives live: the current GPU, or the CPU on a machine without CUDA (tests)."""
     return compat.device()
+
+
+def loss_cp_factor() -> int:
+    """What the loss function multiplies its loss by for context parallelism: the CP size, or 1 where megatron
+    does it.
+
+    Each CP rank's loss is the whole micro-batch's (the per-response sums are all-reduced over the CP group)
+    but its gradient covers only that rank's tokens; the gradient reduction then averages over the data- and
+    context-parallel ranks together (DP x CP: the distributed optimizer's process group, megatron's DDP), so
+    the loss must be multiplied by the CP size exactly once. megatron-core >= 0.12 does it in ``forward_step``
+    for a loss function that returns ``(loss, metrics)``, as this one does; before, the loss function had to.
+    """
+    return 1 if MEGATRON_SCALES_CP_LOSS else parallel_state.get_context_parallel_world_size()
 
 
 class MegatronGPTWRPOModel(MegatronGPTDPOModel):
@@ -295,8 +317,8 @@ class MegatronGPTWRPOModel(MegatronGPTDPOModel):
                 names = self.metric_names()
                 reduced = average_losses_across_data_parallel_group([loss, *(metrics[n] for n in names)])
                 report = {"avg": reduced[0], **dict(zip(names, reduced[1:], strict=True))}
-                # megatron divides the returned loss by the CP size; the gradient must not shrink with it.
-                return loss * parallel_state.get_context_parallel_world_size(), report
+                # The gradient reduction averages over DP x CP: see loss_cp_factor for who multiplies by CP.
+                return loss * loss_cp_factor(), report
 
             return output_tensor, (logprobs_func if logprobs_only else loss_func)
 

@@ -5,10 +5,16 @@ them into THD batches (``cu_seqlens``) for TransformerEngine's attention. :class
 rows from the records directly, with the project's tokenisation and its first-fit-decreasing packing: each
 prompt's three segments (y_ws, y_wt, y_l, in that order) sit back to back in one row, which is what the model's
 three-way packed reduction expects.
+
+As in NeMo-Aligner's packed DPO, a sample of the dataset is a packed row: ``model.micro_batch_size`` (1) and
+``model.global_batch_size`` count rows, and a row holds as many prompts as fit in ``seq_length`` tokens. The
+dataset logs its prompts per row (:attr:`WRPOPackedDataset.prompts_per_row`) so that a batch size in prompts
+can be turned into one in rows.
 """
 
 from __future__ import annotations
 
+import logging
 from functools import partial
 from typing import Any
 
@@ -25,6 +31,8 @@ from wrpo_nemo.integrations.nemo_aligner.dataset import (
     segment_ids_and_labels,
     tokenize_records,
 )
+
+log = logging.getLogger(__name__)
 
 
 def pack_rows(examples: list[dict[str, Any]], seq_length: int) -> list[dict[str, Any]]:
@@ -64,6 +72,7 @@ class WRPOPackedDataset(DPOPackedDataset):
     """Packed WRPO rows (micro batch size 1, TransformerEngine attention); built from the records at start-up.
 
     The constructor is NeMo-Aligner's; ``data`` holds the records (``data_impl: jsonl``), not pre-packed rows.
+    Its samples are rows: batch sizes count rows, each of several prompts (:attr:`prompts_per_row`).
     """
 
     def __init__(
@@ -81,9 +90,25 @@ class WRPOPackedDataset(DPOPackedDataset):
         read, tokenize = data_configs(cfg.data, seq_length, packed=True)
         examples, self.report = tokenize_records(data, documents, tokenizer, read, tokenize, name)
         rows = pack_rows(examples, seq_length)
+        self.num_prompts = len(examples)
+        """Prompts in the dataset (after the length policy), all of them packed."""
+        log.info(
+            "WRPO %s data: %d prompts packed into %d rows of %d tokens, %.2f prompts per row; "
+            "model.micro_batch_size and model.global_batch_size count rows",
+            name,
+            len(examples),
+            len(rows),
+            seq_length,
+            len(examples) / len(rows),
+        )
         super().__init__(
             cfg, tokenizer, name, data_prefix, np.arange(len(rows)), rows, seq_length, seed, drop_last
         )
+
+    @property
+    def prompts_per_row(self) -> float:
+        """Mean prompts in a packed row: a global batch of ``G`` rows holds about ``G * prompts_per_row``."""
+        return self.num_prompts / len(self.data)
 
     def global_collate_fn(
         self,
