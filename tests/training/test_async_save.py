@@ -9,26 +9,20 @@ import sys
 import time
 from pathlib import Path
 
-from tests.training.test_resume_plan import _config
+from tests.training.test_resume_plan import _config, train_records
 from wrpo_nemo.pipeline import run
 from wrpo_nemo.training import checkpoint as ckpt
 
 ROOT = Path(__file__).resolve().parents[2]
-TIMING = {"tokens_per_s", "step_time_s"}
-
-
-def _train(run_dir: Path) -> list[dict]:
-    records = [json.loads(x) for x in (run_dir / "sft" / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in r.items() if k not in TIMING} for r in records if r["split"] == "train"]
+_train = train_records
 
 
 def _steps(run_dir: Path) -> list[str]:
     return [p.name for p in ckpt.list_checkpoints(run_dir / "sft")]
 
 
-def test_background_saves_publish_the_same_checkpoints_and_resume_exactly(tmp_path):
-    straight = tmp_path / "sync"
-    run(_config(straight, max_steps=6))
+def test_background_saves_publish_the_same_checkpoints_and_resume_exactly(tmp_path, uninterrupted):
+    straight = uninterrupted(6)
     background = tmp_path / "async"
     assert run(_config(background, max_steps=6, async_save=True))["sft"].steps == 6
     assert _steps(background) == _steps(straight) == ["step_0000002", "step_0000004", "step_0000006"]
@@ -42,9 +36,8 @@ def test_background_saves_publish_the_same_checkpoints_and_resume_exactly(tmp_pa
     assert _train(background) == _train(straight)
 
 
-def test_a_signal_during_a_background_save_stops_after_it_is_published(tmp_path, monkeypatch):
-    straight = tmp_path / "sync"
-    run(_config(straight, max_steps=6))
+def test_a_signal_during_a_background_save_stops_after_it_is_published(tmp_path, monkeypatch, uninterrupted):
+    straight = uninterrupted(6)
     real_schedule = ckpt.AsyncSaves.schedule
 
     def schedule_and_get_signalled(self, request, final):
@@ -68,7 +61,7 @@ DRIVER = """
 import sys, time
 from pathlib import Path
 sys.path.insert(0, {root!r})
-from tests.training.test_resume_plan import _config
+from tests.training.test_resume_plan import _config, train_records
 from wrpo_nemo.pipeline import run
 from wrpo_nemo.training import checkpoint as ckpt
 
@@ -87,9 +80,8 @@ if __name__ == "__main__":
 """
 
 
-def test_a_kill_during_a_background_save_resumes_from_the_last_published_checkpoint(tmp_path):
-    straight = tmp_path / "sync"
-    run(_config(straight, max_steps=6))
+def test_a_kill_during_a_background_save_resumes_from_the_last_published_checkpoint(tmp_path, uninterrupted):
+    straight = uninterrupted(6)
     driver = tmp_path / "driver.py"
     driver.write_text(DRIVER.format(root=str(ROOT)))
     killed, marker = tmp_path / "killed", tmp_path / "scheduled"

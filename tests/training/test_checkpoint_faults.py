@@ -5,7 +5,7 @@ from collections import namedtuple
 
 import pytest
 
-from tests.training.test_resume_plan import _config, _restore_signal_handlers  # noqa: F401 (fixture)
+from tests.training.test_resume_plan import _config, train_records
 from wrpo_nemo.pipeline import run
 from wrpo_nemo.training import checkpoint as ckpt
 
@@ -72,12 +72,9 @@ def test_old_checkpoints_are_renamed_before_deletion_and_hidden_leftovers_are_ne
 
 @pytest.mark.parametrize("damaged", ["__0_0.distcp", "common.pt"])
 def test_a_damaged_newest_checkpoint_is_reported_by_file_and_the_previous_one_resumes_exactly(
-    tmp_path, damaged, capsys
+    tmp_path, damaged, capsys, uninterrupted
 ):
-    import json
-
-    straight = tmp_path / "straight"
-    run(_config(straight, max_steps=6))
+    straight = uninterrupted(6)
     split = tmp_path / "split"
     run(_config(split, max_steps=6))
     # As if step 6's checkpoint had been damaged after step 4's was complete (metrics.jsonl is cut back).
@@ -90,13 +87,7 @@ def test_a_damaged_newest_checkpoint_is_reported_by_file_and_the_previous_one_re
     out = capsys.readouterr().out
     assert f"checkpoint {newest} cannot be resumed from" in out and str(target) in out
     assert result.steps == 6
-    timing = {"tokens_per_s", "step_time_s"}
-
-    def train(run_dir):
-        records = [json.loads(x) for x in (run_dir / "sft" / "metrics.jsonl").read_text().splitlines()]
-        return [{k: v for k, v in r.items() if k not in timing} for r in records if r["split"] == "train"]
-
-    assert train(split) == train(straight)
+    assert train_records(split) == train_records(straight)
 
 
 def test_when_no_checkpoint_loads_the_error_names_each_damaged_file(tmp_path):
@@ -112,11 +103,8 @@ def test_when_no_checkpoint_loads_the_error_names_each_damaged_file(tmp_path):
         run(_config(tmp_path, max_steps=4))
 
 
-def test_a_run_folder_moved_elsewhere_resumes(tmp_path):
-    import json
-
-    straight = tmp_path / "straight"
-    run(_config(straight, max_steps=4))
+def test_a_run_folder_moved_elsewhere_resumes(tmp_path, uninterrupted):
+    straight = uninterrupted(4)
     before = tmp_path / "before"
     run(_config(before, max_steps=4))
     shutil.rmtree(ckpt.list_checkpoints(before / "sft")[-1])  # as if stopped after step 2's checkpoint
@@ -125,10 +113,4 @@ def test_a_run_folder_moved_elsewhere_resumes(tmp_path):
     shutil.move(before, moved)
     result = run(_config(moved, max_steps=4))["sft"]
     assert result.steps == 4
-    timing = {"tokens_per_s", "step_time_s"}
-
-    def train(run_dir):
-        records = [json.loads(x) for x in (run_dir / "sft" / "metrics.jsonl").read_text().splitlines()]
-        return [{k: v for k, v in r.items() if k not in timing} for r in records if r["split"] == "train"]
-
-    assert train(moved) == train(straight)
+    assert train_records(moved) == train_records(straight)

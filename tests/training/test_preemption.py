@@ -1,31 +1,18 @@
 """A preemption signal during start-up stops training at its first step boundary with a checkpoint, and the
 resumed run equals one that was never interrupted."""
 
-import json
 import os
 import signal
 
-from tests.training.test_resume_plan import _config
+from tests.training.test_resume_plan import _config, train_records
 from wrpo_nemo import pipeline
 from wrpo_nemo.pipeline import run
 
-TIMING = {"tokens_per_s", "step_time_s"}
-
-
-def _train_records(run_dir):
-    lines = (run_dir / "sft" / "metrics.jsonl").read_text().splitlines()
-    return [
-        {k: v for k, v in r.items() if k not in TIMING}
-        for r in map(json.loads, lines)
-        if r["split"] == "train"
-    ]
-
 
 def test_a_signal_during_data_preparation_stops_at_the_first_step_and_the_resume_is_exact(
-    tmp_path, monkeypatch
+    tmp_path, monkeypatch, uninterrupted
 ):
-    straight = run(_config(tmp_path / "straight", max_steps=4))["sft"]
-    assert straight.steps == 4 and not straight.preempted
+    straight = uninterrupted(4)
 
     real_prepare = pipeline.prepare_dataset
 
@@ -44,4 +31,4 @@ def test_a_signal_during_data_preparation_stops_at_the_first_step_and_the_resume
     preemption.clear()  # a new process in real life
     resumed = run(_config(tmp_path / "split", max_steps=4))["sft"]
     assert resumed.steps == 4 and not resumed.preempted
-    assert _train_records(tmp_path / "split") == _train_records(tmp_path / "straight")
+    assert train_records(tmp_path / "split") == train_records(straight)

@@ -8,7 +8,6 @@ schedule written out independently below.
 import json
 import math
 import shutil
-import signal
 from pathlib import Path
 
 import pytest
@@ -60,12 +59,13 @@ def _config(run_dir: Path, **sft):
     return load_run_config(data)
 
 
-@pytest.fixture(autouse=True)
-def _restore_signal_handlers():
-    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1)}
-    yield
-    for sig, handler in saved.items():
-        signal.signal(sig, handler)
+TIMING = {"tokens_per_s", "step_time_s"}
+
+
+def train_records(run_dir: Path) -> list[dict]:
+    """The SFT stage's train records of ``metrics.jsonl`` without the timing fields."""
+    records = [json.loads(x) for x in (run_dir / "sft" / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k not in TIMING} for r in records if r["split"] == "train"]
 
 
 def _train_lrs(run_dir: Path) -> dict[int, float]:
