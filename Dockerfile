@@ -19,8 +19,16 @@ SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 # The image's own torch (built for its CUDA) is kept: every pip call is constrained to the installed version,
 # so no dependency can pull a PyPI torch over it. Dependencies first, in their own layer: editing the package
 # does not reinstall them.
+#
+# PIP_CONSTRAINT: NGC PyTorch images set it to a file pinning their CUDA-built stack (torch, TransformerEngine,
+# apex, flash-attn, numpy's ABI, ...). It is deliberately left in force (megatron's own Dockerfile clears it
+# because it builds TE and apex itself; this image uses the container's builds): a dependency of ours that
+# conflicts with those pins fails the build with pip's resolver error instead of replacing a CUDA build.
+# pip applies it together with -c /opt/keep-torch.txt (our torch pin, which holds even in an image without the
+# variable). The build log prints which constraint file was in force.
 COPY pyproject.toml README.md ./
-RUN python -c "import torch; print('torch==' + torch.__version__)" > /opt/keep-torch.txt \
+RUN echo "NGC pip constraints: ${PIP_CONSTRAINT:-none set}" \
+ && python -c "import torch; print('torch==' + torch.__version__)" > /opt/keep-torch.txt \
  && python -c "import tomllib; d = tomllib.load(open('pyproject.toml', 'rb')); print('\n'.join(d['project']['dependencies']))" > /tmp/deps.txt \
  && pip install --no-cache-dir -c /opt/keep-torch.txt -r /tmp/deps.txt
 
