@@ -1,10 +1,16 @@
 import os
+from pathlib import Path
 
 import pytest
 import torch
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 torch.set_num_threads(1)
+# The subprocesses tests start (the recipe, torchrun, the scripts) import this checkout's wrpo_nemo, as this
+# process does (pytest's pythonpath), not whichever copy the environment installed (another checkout's editable
+# install, say): a script's own folder comes first on its sys.path, the repository root does not.
+ROOT = Path(__file__).resolve().parents[1]
+os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
 
 
 def pytest_collection_modifyitems(config, items):

@@ -1,5 +1,6 @@
-"""The GPU check's CPU-runnable parts: the script end to end (GPU tests skip here), its install decision,
-the benchmark's arithmetic, the synthetic WRPO batch, and the wheel pins."""
+"""The GPU check's CPU-runnable parts: the script end to end (GPU tests skip here) with the benchmark's model
+FLOPs and size checked against Hugging Face's Llama, its install decision, the synthetic WRPO batch, and the
+wheel pins."""
 
 import importlib.util
 import json
@@ -13,9 +14,9 @@ import pytest
 import tomllib
 import torch
 
+from tests.flop_reference import counted_training_flops_per_token, hf_llama
 from wrpo_nemo.data.layout import IGNORE_INDEX
 from wrpo_nemo.models.config import ModelConfig
-from wrpo_nemo.training.outputs import model_flops_per_token
 
 ROOT = Path(__file__).resolve().parents[2]
 _spec = importlib.util.spec_from_file_location(
@@ -60,7 +61,7 @@ def test_synthetic_wrpo_batch_keeps_the_packed_layout_contract(layout):
     assert len(prompts) == batch.num_prompts and all(len(p) == 1 for p in prompts.values())
 
 
-def test_gpu_check_runs_end_to_end_on_a_cpu_and_its_table_follows_from_its_measurements(tmp_path):
+def test_gpu_check_runs_end_to_end_on_a_cpu_and_its_numbers_match_an_independent_count(tmp_path):
     out = gpu_check(tmp_path, *TINY_BENCH)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "nothing to install" in out.stdout
@@ -70,10 +71,14 @@ def test_gpu_check_runs_end_to_end_on_a_cpu_and_its_table_follows_from_its_measu
     assert isinstance(cfg, ModelConfig) and cfg.vocab_size == 512 and cfg.num_query_groups == 2
     # 2 micro-batches x 1 row x 2 prompts (128 // 46) x (shared prompt: 8 + 2 repeated last tokens + 3 x 12).
     assert result["tokens_per_step"] == 2 * 1 * 2 * (8 + 2 + 3 * 12) and result["prompts_per_step"] == 4
-    assert result["flops_per_token"] == pytest.approx(model_flops_per_token(cfg, 20))
-    assert result["tokens_per_s"] == pytest.approx(result["tokens_per_step"] / result["step_s"])
-    assert result["model_tflops"] == pytest.approx(result["flops_per_token"] * result["tokens_per_s"] / 1e12)
-    assert result["mfu_measured_peak"] == pytest.approx(result["model_tflops"] / result["matmul_peak_tflops"])
+    # Model FLOPs and size against Hugging Face's Llama of the same shape: torch's FLOP counter over a training
+    # step on one prompt + response (8 + 12 tokens, what each response attends to), and its parameters.
+    flops = counted_training_flops_per_token(cfg, 8 + 12)
+    assert result["flops_per_token"] == pytest.approx(flops, rel=1e-12)
+    assert result["model_tflops"] == pytest.approx(
+        flops * result["tokens_per_step"] / result["step_s"] / 1e12
+    )
+    assert result["params"] == sum(p.numel() for p in hf_llama(cfg).parameters())
     assert len(result["losses"]) == 3 and all(x == x for x in result["losses"])
     assert f"{result['tokens_per_s']:,.0f}" in out.stdout.split("== result")[1]
 

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.training.recipe_runner import PREEMPTION_SIGNALS
 from tests.training.test_resume_plan import _config
 from wrpo_nemo.pipeline import run
 
@@ -26,8 +27,10 @@ def uninterrupted(tmp_path_factory):
 
 
 @pytest.fixture(autouse=True)
-def _restore_signal_handlers():
-    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+def restore_preemption_handlers():
+    """A run in this process installs its preemption handlers (and a handled signal ignores the next one):
+    whatever a test leaves, the next test starts with the handlers as they were."""
+    saved = {sig: signal.getsignal(sig) for sig in PREEMPTION_SIGNALS}
     yield
     for sig, handler in saved.items():
         signal.signal(sig, handler)

@@ -4,33 +4,20 @@ import json
 
 import pytest
 
+from tests.flop_reference import counted_training_flops_per_token
 from wrpo_nemo.models.presets import get_preset
 from wrpo_nemo.training.outputs import model_flops_per_token, plot_metrics
 
 
 @pytest.mark.parametrize("preset", ["tiny", "toy"])
-def test_flops_per_token_is_six_times_the_matmul_weights_plus_attention(preset):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
+def test_flops_per_token_equal_the_flops_counted_in_a_training_step_of_hf_llama(preset):
+    """Against torch's FLOP counter on Hugging Face's Llama of the same shape (tests/flop_reference.py): the
+    grouped-query K/V, the SwiGLU MLP, the output layer, backward = 2 x forward and the causal attention term."""
     cfg = get_preset(preset)
-    hf = LlamaForCausalLM(
-        LlamaConfig(
-            vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.ffn_hidden_size,
-            num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_attention_heads,
-            num_key_value_heads=cfg.num_query_groups, tie_word_embeddings=False,
+    for context in (16, 100):
+        assert model_flops_per_token(cfg, context) == pytest.approx(
+            counted_training_flops_per_token(cfg, context), rel=1e-12
         )
-    )  # fmt: skip
-    # Every weight of a matmul does one multiply-add per token forward (2 FLOPs), backward twice that; the
-    # input embedding is a lookup and the norms are not matmuls.
-    matmul_weights = sum(
-        p.numel()
-        for name, p in hf.named_parameters()
-        if name.endswith("proj.weight") or name == "lm_head.weight"
-    )
-    context = 100
-    attention = 2 * 2 * cfg.num_layers * cfg.hidden_size * context / 2  # QK^T and AV over half the context
-    expected = 3 * (2 * matmul_weights + attention)
-    assert model_flops_per_token(cfg, context) == pytest.approx(expected, rel=1e-12)
 
 
 def test_llama3_8b_flops_per_token_is_about_six_n():

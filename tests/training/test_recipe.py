@@ -1,4 +1,10 @@
-"""The recipe end to end, as a user runs it: ``python recipes/wrpo.py`` in a subprocess."""
+"""The recipe end to end at toy scale.
+
+One test runs ``python recipes/wrpo.py`` in a subprocess as a user does (exit status, closing lines, files).
+The others run the same composed config in this process (tests/training/recipe_runner.py) and share runs: the
+two-stage run below is run once and read by the output, resume and reference-reuse tests. Only the resume
+onto TP=2 starts processes of its own (scripts/launch_local.sh, torchrun): tensor parallelism needs two.
+"""
 
 import json
 import os
@@ -6,15 +12,16 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 
-from tests.dist_utils import free_port
+from tests.training.recipe_runner import DIST_VARS, ROOT, recipe_main, run_recipe
 
-ROOT = Path(__file__).resolve().parents[2]
 SMALL = [
     "data.toy_examples=240",
     "sft.global_batch_size=8",
@@ -27,24 +34,10 @@ SMALL = [
     "logging.log_interval=1",
 ]
 TIMING = {"tokens_per_s", "step_time_s"}
-# A user's shell, not a leftover of other tests' process groups in this pytest process; the recipe imports
-# wrpo_nemo from this checkout (python puts recipes/, not the root, on sys.path).
-_DIST_VARS = ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE")
-ENV = {
-    **{k: v for k, v in os.environ.items() if k not in _DIST_VARS},
-    "OMP_NUM_THREADS": "1",
-    "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p),
-}
-
-
-def recipe(
-    run_dir: Path, *overrides: str, timeout: int = 300, check: bool = True
-) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, str(ROOT / "recipes" / "wrpo.py"), f"run_dir={run_dir}", *SMALL, *overrides]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=ENV, cwd=ROOT)
-    if check and out.returncode != 0:
-        raise AssertionError(f"recipe failed ({out.returncode}):\n{out.stdout[-3000:]}\n{out.stderr[-5000:]}")
-    return out
+# A user's shell, not a leftover of other tests' process groups in this pytest process.
+ENV = {**{k: v for k, v in os.environ.items() if k not in DIST_VARS}, "OMP_NUM_THREADS": "1"}
+# SFT 3 steps, then WRPO 6 steps with a save every 3 (keep_last=2 of wrpo_tiny keeps both), then the exports.
+STRAIGHT = ("wrpo.max_steps=6", "checkpoint.save_interval=3")
 
 
 def metrics(path: Path, split: str = "train") -> list[dict]:
@@ -63,109 +56,155 @@ def _final_weights(stage_dir: Path) -> dict[str, torch.Tensor]:
     return {k: reader.read(k) for k in keys}
 
 
-@pytest.mark.slow
-def test_tiny_recipe_runs_both_stages_and_leaves_every_output(tmp_path):
-    run_dir = tmp_path / "run"
-    out = recipe(run_dir, "wrpo.max_steps=4", "checkpoint.save_interval=2")
-    assert "[wrpo] done after 4 steps" in out.stdout
-    sft, wrpo = metrics(run_dir / "sft" / "metrics.jsonl"), metrics(run_dir / "wrpo" / "metrics.jsonl")
-    assert [r["step"] for r in sft] == [1, 2, 3] and [r["step"] for r in wrpo] == [1, 2, 3, 4]
-    for r in wrpo:
-        for key in ("loss", "lr", "grad_norm", "tokens_per_s", "alpha", "rewards/chosen", "rewards/margins",
-                    "rewards/accuracies", "rewards/source_chosen", "rewards/target_chosen", "logps/rejected"):  # fmt: skip
-            assert key in r, key
-    # alpha_t = alpha_max * t / T with t the steps completed before the update: 0 at the first step.
-    assert [r["alpha"] for r in wrpo] == pytest.approx([0.0, 0.025, 0.05, 0.075])
-    assert metrics(run_dir / "wrpo" / "metrics.jsonl", "eval"), "no evaluation was logged"
-    assert (run_dir / "curves_sft.png").is_file() and (run_dir / "curves_wrpo.png").is_file()
-    assert any((run_dir / "tensorboard" / "wrpo").iterdir())
-    summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["wrpo"]["reference"] == "computed"
-    assert "toy_accuracy" in summary["wrpo"]["eval_metrics"]
-    # keep_last=2 with saves at steps 2 and 4: both kept, nothing half-written left behind.
-    names = sorted(p.name for p in (run_dir / "wrpo" / "checkpoints").iterdir())
-    assert names == ["step_0000002", "step_0000004"]
-
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    """The two-stage run, and what it left behind recorded before later runs in its folder (the resume, the
+    reference reuse) change any of it."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    run_dir = tmp_path_factory.mktemp("straight") / "run"
+    results, out = run_recipe(run_dir, *SMALL, *STRAIGHT)
     hf = run_dir / "wrpo" / "hf"
-    model = AutoModelForCausalLM.from_pretrained(hf)
-    tokenizer = AutoTokenizer.from_pretrained(hf)
-    assert model.config.vocab_size == len(tokenizer)
-
-    # A second WRPO run from the same stage-1 checkpoint on the same data reuses the stored reference.
-    sft_ckpt = run_dir / "sft" / "checkpoints" / "step_0000003"
-    again = recipe(
-        run_dir, "stages=[wrpo]", f"model.checkpoint={sft_ckpt}", "wrpo.max_steps=1", "export.hf=false"
+    return SimpleNamespace(
+        run_dir=run_dir,
+        results=results,
+        out=out,
+        sft=metrics(run_dir / "sft" / "metrics.jsonl"),
+        wrpo=metrics(run_dir / "wrpo" / "metrics.jsonl"),
+        wrpo_eval=metrics(run_dir / "wrpo" / "metrics.jsonl", "eval"),
+        summary=json.loads((run_dir / "summary.json").read_text()),
+        plots=[(run_dir / f"curves_{s}.png").is_file() for s in ("sft", "wrpo")],
+        tensorboard=any((run_dir / "tensorboard" / "wrpo").iterdir()),
+        checkpoints=sorted(p.name for p in (run_dir / "wrpo" / "checkpoints").iterdir()),
+        weights=_final_weights(run_dir / "wrpo"),
+        hf_vocab_size=AutoModelForCausalLM.from_pretrained(hf).config.vocab_size,
+        tokenizer_size=len(AutoTokenizer.from_pretrained(hf)),
     )
-    assert "reference log-probs: loaded" in again.stdout
-    # A bf16 reference pass is stored under its own key: computed, not the fp32 values loaded.
-    bf16 = recipe(
-        run_dir, "stages=[wrpo]", f"model.checkpoint={sft_ckpt}", "wrpo.max_steps=1", "export.hf=false",
-        "wrpo.reference_precision=bf16", "logging.eval_interval=0",
-    )  # fmt: skip
-    assert "reference log-probs: computed (bf16)" in bf16.stdout
 
 
-@pytest.mark.slow
-def test_resume_continues_bit_for_bit(tmp_path):
-    run_dir = tmp_path / "run"
-    recipe(
-        run_dir, "wrpo.max_steps=6", "checkpoint.save_interval=3", "checkpoint.keep_last=5", "export.hf=false"
-    )
-    straight = metrics(run_dir / "wrpo" / "metrics.jsonl")
-    straight_weights = _final_weights(run_dir / "wrpo")
-    # Forget everything after step 3 of stage 2, as a crash right after that save would.
+@pytest.fixture(scope="module")
+def resumed(straight):
+    """The straight run's WRPO stage cut back to its step-3 save, as a crash right after that save leaves it,
+    then resumed with the same settings (the finished SFT stage is only reported)."""
+    run_dir = straight.run_dir
     shutil.rmtree(run_dir / "wrpo" / "checkpoints" / "step_0000006")
     lines = (run_dir / "wrpo" / "metrics.jsonl").read_text().splitlines()
     kept = [line for line in lines if json.loads(line)["step"] <= 3 and json.loads(line)["split"] == "train"]
     (run_dir / "wrpo" / "metrics.jsonl").write_text("\n".join(kept) + "\n")
-    out = recipe(run_dir, "wrpo.max_steps=6", "checkpoint.save_interval=3", "checkpoint.keep_last=5",
-                 "export.hf=false", "checkpoint.resume=true")  # fmt: skip
-    assert "starting at step 3" in out.stdout
-    resumed = metrics(run_dir / "wrpo" / "metrics.jsonl")
-    assert [r["step"] for r in resumed] == [1, 2, 3, 4, 5, 6]
-    for a, b in zip(straight, resumed, strict=True):
-        assert {k: v for k, v in a.items() if k not in TIMING} == {
-            k: v for k, v in b.items() if k not in TIMING
-        }
-    resumed_weights = _final_weights(run_dir / "wrpo")
-    for key, value in straight_weights.items():
-        assert torch.equal(value, resumed_weights[key]), key
+    # The exports come after training and change none of it: not written again.
+    results, out = run_recipe(run_dir, *SMALL, *STRAIGHT, "checkpoint.resume=true", "export.hf=false")
+    return SimpleNamespace(
+        results=results,
+        out=out,
+        wrpo=metrics(run_dir / "wrpo" / "metrics.jsonl"),
+        weights=_final_weights(run_dir / "wrpo"),
+    )
 
 
 @pytest.mark.slow
-def test_sigterm_saves_a_checkpoint_and_exits_zero_then_resume_finishes(tmp_path):
+def test_tiny_recipe_runs_both_stages_and_leaves_every_output(straight):
+    sft, wrpo = straight.results["sft"], straight.results["wrpo"]
+    assert (sft.steps, sft.preempted, wrpo.steps, wrpo.preempted) == (3, False, 6, False)
+    assert [r["step"] for r in straight.sft] == [1, 2, 3]
+    assert [r["step"] for r in straight.wrpo] == [1, 2, 3, 4, 5, 6]
+    for r in straight.wrpo:
+        for key in ("loss", "lr", "grad_norm", "tokens_per_s", "alpha", "rewards/chosen", "rewards/margins",
+                    "rewards/accuracies", "rewards/source_chosen", "rewards/target_chosen", "logps/rejected"):  # fmt: skip
+            assert key in r, key
+    # alpha_t = alpha_max * t / T with t the steps completed before the update: 0 at the first step.
+    assert [r["alpha"] for r in straight.wrpo] == pytest.approx([0.1 * t / 6 for t in range(6)])
+    assert straight.wrpo_eval, "no evaluation was logged"
+    assert straight.plots == [True, True]
+    assert straight.tensorboard
+    assert straight.summary["wrpo"]["reference"] == "computed"
+    assert "toy_accuracy" in straight.summary["wrpo"]["eval_metrics"]
+    # keep_last=2 with saves at steps 3 and 6: both kept, nothing half-written left behind.
+    assert straight.checkpoints == ["step_0000003", "step_0000006"]
+    assert straight.hf_vocab_size == straight.tokenizer_size
+
+
+@pytest.mark.slow
+def test_resume_continues_bit_for_bit(straight, resumed):
+    assert "starting at step 3" in resumed.out
+    assert resumed.results["wrpo"].steps == 6 and not resumed.results["wrpo"].preempted
+    assert [r["step"] for r in resumed.wrpo] == [1, 2, 3, 4, 5, 6]
+    for a, b in zip(straight.wrpo, resumed.wrpo, strict=True):
+        assert {k: v for k, v in a.items() if k not in TIMING} == {
+            k: v for k, v in b.items() if k not in TIMING
+        }
+    assert straight.weights.keys() == resumed.weights.keys()
+    for key, value in straight.weights.items():
+        assert torch.equal(value, resumed.weights[key]), key
+
+
+# After the resume: these runs save in the folder whose checkpoints it resumes from.
+@pytest.mark.slow
+@pytest.mark.usefixtures("resumed")
+def test_wrpo_from_the_same_checkpoint_reuses_the_stored_reference_and_bf16_computes_its_own(straight):
+    run_dir = straight.run_dir
+    from_sft = (
+        "stages=[wrpo]", f"model.checkpoint={run_dir / 'sft' / 'checkpoints' / 'step_0000003'}",
+        "wrpo.max_steps=1", "export.hf=false",
+    )  # fmt: skip
+    # A second WRPO run from the same stage-1 checkpoint on the same data reuses the stored reference.
+    results, out = run_recipe(run_dir, *SMALL, *from_sft)
+    assert "reference log-probs: loaded" in out and results["wrpo"].reference == "loaded"
+    # A bf16 reference pass is stored under its own key: computed, not the fp32 values loaded.
+    results, out = run_recipe(
+        run_dir, *SMALL, *from_sft, "wrpo.reference_precision=bf16", "logging.eval_interval=0"
+    )
+    assert "reference log-probs: computed (bf16)" in out and results["wrpo"].reference == "computed (bf16)"
+
+
+@pytest.mark.slow
+def test_sigterm_saves_a_checkpoint_and_exits_zero_then_resume_finishes(tmp_path, capsys):
     run_dir = tmp_path / "run"
-    cmd = [sys.executable, str(ROOT / "recipes" / "wrpo.py"), f"run_dir={run_dir}", *SMALL,
-           "stages=[sft]", "sft.max_steps=null", "sft.epochs=200", "export.hf=false"]  # fmt: skip
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
-                            env=ENV)  # fmt: skip
     log = run_dir / "sft" / "metrics.jsonl"
-    deadline = time.time() + 240
-    while time.time() < deadline and not (log.is_file() and len(log.read_text().splitlines()) >= 3):
-        assert proc.poll() is None, proc.communicate()
-        time.sleep(0.2)
-    sent = time.time()
-    proc.send_signal(signal.SIGTERM)
-    stdout, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 0, stderr[-3000:]
-    assert time.time() - sent < 60
-    assert "[sft] preempted after" in stdout
+    sent, done = [], threading.Event()
+
+    def preempt_after_three_steps():
+        deadline = time.time() + 240
+        while not done.is_set() and time.time() < deadline:
+            # Only into the pipeline's own handler (wrpo_nemo.training.preemption's), never the default that
+            # ends the process.
+            handler = signal.getsignal(signal.SIGTERM)
+            ours = getattr(handler, "__module__", None) == "wrpo_nemo.training.preemption"
+            if ours and log.is_file() and len(log.read_text().splitlines()) >= 3:
+                sent.append(time.time())
+                os.kill(os.getpid(), signal.SIGTERM)
+                return
+            time.sleep(0.2)
+
+    watcher = threading.Thread(target=preempt_after_three_steps, daemon=True)
+    watcher.start()
+    try:
+        # The recipe's main returns (no SystemExit): the command line's exit status 0.
+        recipe_main(
+            run_dir, *SMALL, "stages=[sft]", "sft.max_steps=null", "sft.epochs=200", "export.hf=false"
+        )
+    finally:
+        done.set()
+        watcher.join()
+    assert sent, "the run never logged three steps"
+    assert time.time() - sent[0] < 60
+    assert "[sft] preempted after" in capsys.readouterr().out
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["sft"]["preempted"] is True
     steps = summary["sft"]["steps"]
-    out = recipe(run_dir, "stages=[sft]", f"sft.max_steps={steps + 2}", "sft.epochs=200", "export.hf=false",
-                 "checkpoint.resume=true")  # fmt: skip
-    assert f"starting at step {steps}" in out.stdout
+    results, out = run_recipe(
+        run_dir, *SMALL, "stages=[sft]", f"sft.max_steps={steps + 2}", "sft.epochs=200", "export.hf=false",
+        "checkpoint.resume=true",
+    )  # fmt: skip
+    assert f"starting at step {steps}" in out
+    assert results["sft"].steps == steps + 2 and not results["sft"].preempted
 
 
-def test_a_config_error_exits_2_naming_the_key_before_anything_is_written(tmp_path):
-    # The one subprocess check of the exit path; every rule is tested in-process in test_config.py.
-    out = recipe(tmp_path / "bad", "wrpo.micro_batch_size=3", check=False, timeout=120)
-    assert out.returncode == 2, out.stderr[-3000:]
-    assert "config error: wrpo.global_batch_size=8 is not a multiple of wrpo.micro_batch_size=3" in out.stderr
-    assert not (tmp_path / "bad").exists()  # not even Hydra's output folder
+def test_config_errors_exit_2_with_the_key_and_build_nothing(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        recipe_main(tmp_path / "bad", *SMALL, "wrpo.micro_batch_size=3")
+    assert exit_info.value.code == 2
+    assert "wrpo.global_batch_size=8 is not a multiple of wrpo.micro_batch_size=3" in capsys.readouterr().err
+    assert not (tmp_path / "bad" / "sft").exists()
 
 
 @pytest.mark.slow
@@ -173,11 +212,17 @@ def test_online_reference_gives_the_same_training_as_the_precomputed_one_in_eith
     """Online (shared_prompt layout) against precomputed (separate layout): same losses, rewards and norms."""
     common = ("stages=[wrpo]", "wrpo.max_steps=3", "export.hf=false", "logging.eval_interval=0",
               "wrpo.optim.warmup_ratio=0.0")  # fmt: skip
-    recipe(tmp_path / "pre", *common, "wrpo.reference=precompute", "data.layout=separate")
-    out = recipe(tmp_path / "online", *common, "wrpo.reference=online", "data.layout=shared_prompt")
-    assert "reference log-probs: online" in out.stdout
+    results, _ = run_recipe(
+        tmp_path / "pre", *SMALL, *common, "wrpo.reference=precompute", "data.layout=separate"
+    )
+    assert results["wrpo"].reference == "computed"
+    results, out = run_recipe(
+        tmp_path / "online", *SMALL, *common, "wrpo.reference=online", "data.layout=shared_prompt"
+    )
+    assert "reference log-probs: online" in out and results["wrpo"].reference == "online"
     pre = metrics(tmp_path / "pre" / "wrpo" / "metrics.jsonl")
     online = metrics(tmp_path / "online" / "wrpo" / "metrics.jsonl")
+    assert [r["step"] for r in pre] == [1, 2, 3]
     for a, b in zip(pre, online, strict=True):
         for key in a.keys() - TIMING - {"stage", "split", "rewards/accuracies"}:
             assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), (a["step"], key)
@@ -188,23 +233,51 @@ def test_online_reference_gives_the_same_training_as_the_precomputed_one_in_eith
 
 
 @pytest.mark.slow
-def test_resume_at_another_tensor_parallel_size_continues_the_same_training(tmp_path):
+def test_two_local_processes_resume_a_one_process_run_at_tensor_parallel_size_2(tmp_path):
+    """scripts/launch_local.sh (torchrun, two CPU processes) continues at TP=2 what one process began at TP=1:
+    the checkpoint's weights, Adam moments, schedule and data position resharded."""
     run_dir = tmp_path / "run"
     args = ("stages=[sft]", "sft.max_steps=6", "checkpoint.save_interval=3", "checkpoint.keep_last=5",
             "export.hf=false")  # fmt: skip
-    recipe(run_dir, *args)
+    run_recipe(run_dir, *SMALL, *args)
     straight = metrics(run_dir / "sft" / "metrics.jsonl")
     shutil.rmtree(run_dir / "sft" / "checkpoints" / "step_0000006")
     (run_dir / "sft" / "metrics.jsonl").unlink()
-    # The TP=1 checkpoint (weights, Adam moments, schedule, data position) resharded onto TP=2 by torchrun.
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
-           str(free_port()), str(ROOT / "recipes" / "wrpo.py"), f"run_dir={run_dir}", *SMALL, *args,
+    cmd = ["bash", str(ROOT / "scripts" / "launch_local.sh"), "2", f"run_dir={run_dir}", *SMALL, *args,
            "parallel.tensor=2", "checkpoint.resume=true"]  # fmt: skip
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=ENV, cwd=ROOT)
-    assert out.returncode == 0, out.stderr[-4000:]
-    assert "starting at step 3" in out.stdout
+    out = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=300, env={**ENV, "PYTHON": sys.executable}
+    )
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
+    assert "starting at step 3" in out.stdout and "[sft] done after 6 steps" in out.stdout
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["sft"]["steps"] == 6 and summary["sft"]["preempted"] is False
+    assert json.loads((run_dir / "run_config.json").read_text())["parallel"]["tensor"] == 2
     resumed = metrics(run_dir / "sft" / "metrics.jsonl")
     assert [r["step"] for r in resumed] == [4, 5, 6]
     for a, b in zip(straight[3:], resumed, strict=True):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
         assert b["lr"] == a["lr"]
+
+
+@pytest.mark.slow
+def test_command_line_runs_both_stages_and_exports(tmp_path):
+    """The one subprocess of the plain command line: Hydra's parsing, the exit status, the closing lines."""
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, str(ROOT / "recipes" / "wrpo.py"), f"run_dir={run_dir}", *SMALL, "wrpo.max_steps=2",
+           "logging.eval_interval=0"]  # fmt: skip
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=ENV, cwd=ROOT)
+    assert out.returncode == 0, f"{out.stdout[-3000:]}\n{out.stderr[-5000:]}"
+    assert "[sft] done after 3 steps" in out.stdout and "[wrpo] done after 2 steps" in out.stdout
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert {s: (summary[s]["steps"], summary[s]["preempted"]) for s in summary} == {
+        "sft": (3, False),
+        "wrpo": (2, False),
+    }
+    assert json.loads((run_dir / "run_config.json").read_text())["wrpo"]["max_steps"] == 2
+    for stage, steps in (("sft", 3), ("wrpo", 2)):
+        assert [r["step"] for r in metrics(run_dir / stage / "metrics.jsonl")] == list(range(1, steps + 1))
+        assert [p.name for p in (run_dir / stage / "checkpoints").iterdir()] == [f"step_{steps:07d}"]
+        exported = {p.name for p in (run_dir / stage / "hf").iterdir()}
+        assert {"config.json", "model.safetensors.index.json"} <= exported
+        assert (run_dir / f"curves_{stage}.png").is_file()
