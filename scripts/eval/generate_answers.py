@@ -5,7 +5,8 @@
     python scripts/eval/generate_answers.py alpaca_eval --model ... --questions alpaca_eval.json \
         --output results/<model-id>/model_outputs.json  # AlpacaEval 2
     python scripts/eval/generate_answers.py arena_hard  --model ... --questions question.jsonl \
-        --output data/arena-hard-v0.1/model_answer/     # -> model_answer/<model-id>.jsonl (Arena-Hard-Auto)
+        --output data/arena-hard-v0.1/model_answer/     # -> model_answer/<model-id>.jsonl (Arena-Hard-Auto
+                                                        #    v0.1, the format of ARENA_HARD_COMMIT below)
 
 Decoding follows each harness: MT-Bench samples at its per-category temperatures (FastChat's table below,
 0 = greedy), AlpacaEval 2 and Arena-Hard-Auto decode greedily (Arena-Hard's own configuration: temperature 0).
@@ -19,6 +20,7 @@ import argparse
 import json
 import os
 import random
+import re
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -44,6 +46,25 @@ MT_BENCH_TEMPERATURE = {
 MT_BENCH_DEFAULT_TEMPERATURE = 0.7
 MAX_NEW_TOKENS = {"mt_bench": 1024, "alpaca_eval": 4096, "arena_hard": 4096}
 """FastChat's ``--max-new-token`` default, and the 4096 of Arena-Hard's gen_answer_config (used for AE2 too)."""
+
+ARENA_HARD_REPOSITORY = "https://github.com/lmarena/arena-hard-auto"
+ARENA_HARD_COMMIT = "3071ef95d913bb5cd632641db336a3b6c7fe4bdd"
+"""The Arena-Hard-Auto version whose answer format :func:`arena_hard_answers` writes: the benchmark
+``arena-hard-v0.1`` as ``gen_answer.py`` writes it at this commit of ``lmarena/arena-hard-auto`` (2025-03-19,
+the last before the v2.0 pre-release; the repository has no tags). One JSON record per line of
+``data/arena-hard-v0.1/model_answer/<model_id>.jsonl``:
+
+- ``question_id``, ``answer_id``, ``model_id``, ``tstamp``;
+- ``choices``: ``[{"index": 0, "turns": [{"content": answer}]}]`` (``gen_judgment.py`` reads the contents);
+- ``conv_metadata``: ``token_len`` (tiktoken's gpt-3.5-turbo encoding, cl100k_base, no special tokens) and the
+  markdown counts ``header_count`` (``h1``-``h6``), ``list_count`` (``ordered``, ``unordered``) and
+  ``bold_count`` (``**``, ``__``) of the answer without the text of its code blocks. ``show_result.py`` reads
+  ``token_len`` for ``avg_tokens`` and the counts for ``--style-control``.
+
+Other versions differ: until commit 8f2f44d (2024-09-01) ``token_len`` sat in each turn and there was no
+``conv_metadata``; v2.0 (commits 9a1d386 to 57451f3, April 2025) writes ``uid``, ``ans_id``, ``model``,
+``messages`` and ``metadata`` instead, and this file is not read there."""
+ARENA_HARD_CODE_BLOCK = re.compile(r"```([^`]*)```")
 
 
 def read_questions(path: str | os.PathLike) -> list[dict[str, Any]]:
@@ -107,6 +128,23 @@ def alpaca_eval_outputs(
     ]
 
 
+def markdown_counts(text: str) -> dict[str, dict[str, int]]:
+    """The markdown elements Arena-Hard-Auto v0.1's style control counts in an answer (``conv_metadata``): the
+    text between each pair of ``` fences is removed first, then headers by level, ordered and unordered list
+    items and bold spans are counted line by line as its ``add_markdown_info.py`` does."""
+    for block in ARENA_HARD_CODE_BLOCK.findall(text):
+        text = text.replace(block, "")
+
+    def count(pattern: str) -> int:
+        return len(re.findall(pattern, text, re.MULTILINE))
+
+    return {
+        "header_count": {f"h{level}": count(rf"^#{{{level}}}\s") for level in range(1, 7)},
+        "list_count": {"ordered": count(r"^\s*\d+\.\s"), "unordered": count(r"^\s*[-*+]\s")},
+        "bold_count": {"**": count(r"\*\*[^*\n]+\*\*"), "__": count(r"__[^_\n]+__")},
+    }
+
+
 def arena_hard_answers(
     questions: list[dict],
     generate: Generate,
@@ -114,7 +152,8 @@ def arena_hard_answers(
     max_new_tokens: int,
     count_tokens: Callable[[str], int],
 ) -> list[dict]:
-    """Arena-Hard-Auto ``model_answer`` records (turns of ``{content, token_len}``), greedy (temperature 0)."""
+    """Arena-Hard-Auto v0.1 ``model_answer`` records in the format of :data:`ARENA_HARD_COMMIT`, greedy
+    (temperature 0, as its gen_answer_config)."""
     conversations = [[{"role": "user", "content": q["turns"][0]["content"]}] for q in questions]
     outputs = generate(conversations, 0.0, max_new_tokens)
     return [
@@ -122,8 +161,9 @@ def arena_hard_answers(
             "question_id": q["question_id"],
             "answer_id": _answer_id(),
             "model_id": model_id,
-            "choices": [{"index": 0, "turns": [{"content": text, "token_len": count_tokens(text)}]}],
+            "choices": [{"index": 0, "turns": [{"content": text}]}],
             "tstamp": time.time(),
+            "conv_metadata": {"token_len": count_tokens(text), **markdown_counts(text)},
         }
         for q, text in zip(questions, outputs, strict=True)
     ]

@@ -34,6 +34,32 @@ ARENA = [
 FASTCHAT_TEMPERATURES = {"writing": 0.7, "math": 0.0, "stem": 0.1}
 
 
+# Arena-Hard-Auto v0.1 as lmarena/arena-hard-auto's gen_answer.py writes it at the pinned commit (read there:
+# gen_answer.py, add_markdown_info.py, show_result.py), written out here as the independent reference.
+ARENA_HARD_V01_COMMIT = "3071ef95d913bb5cd632641db336a3b6c7fe4bdd"
+ARENA_HARD_V01_FIELDS = {"question_id", "answer_id", "model_id", "choices", "tstamp", "conv_metadata"}
+ARENA_HARD_V01_METADATA = {
+    "token_len": int,
+    "header_count": {"h1", "h2", "h3", "h4", "h5", "h6"},
+    "list_count": {"ordered", "unordered"},
+    "bold_count": {"**", "__"},
+}
+
+
+def assert_arena_hard_v01_record(record: dict, model_id: str) -> None:
+    assert set(record) == ARENA_HARD_V01_FIELDS
+    assert record["model_id"] == model_id and record["answer_id"] and isinstance(record["tstamp"], float)
+    (choice,) = record["choices"]
+    assert choice["index"] == 0
+    (turn,) = choice["turns"]
+    assert set(turn) == {"content"} and isinstance(turn["content"], str)  # token_len moved to conv_metadata
+    metadata = record["conv_metadata"]
+    assert set(metadata) == set(ARENA_HARD_V01_METADATA) and isinstance(metadata["token_len"], int)
+    for name, keys in ARENA_HARD_V01_METADATA.items():
+        if name != "token_len":
+            assert set(metadata[name]) == keys and all(isinstance(v, int) for v in metadata[name].values())
+
+
 def write_questions(folder: Path) -> dict[str, Path]:
     paths = {"mt_bench": folder / "mt_question.jsonl", "alpaca_eval": folder / "alpaca_eval.json",
              "arena_hard": folder / "arena_question.jsonl"}  # fmt: skip
@@ -99,8 +125,7 @@ def test_answer_files_have_each_harness_format_with_the_tiny_model(tiny_chat_mod
     ah_records = [json.loads(line) for line in ah.read_text().splitlines()]
     assert [r["question_id"] for r in ah_records] == ["328c149e", "9a1b2c3d"]
     for r in ah_records:
-        (turn,) = r["choices"][0]["turns"]
-        assert set(turn) == {"content", "token_len"} and isinstance(turn["token_len"], int)
+        assert_arena_hard_v01_record(r, "tiny-wrpo")
 
 
 def test_greedy_batched_answers_equal_unbatched_generation_of_the_same_model(tiny_chat_model, tmp_path):
@@ -110,10 +135,11 @@ def test_greedy_batched_answers_equal_unbatched_generation_of_the_same_model(tin
     questions = write_questions(tmp_path)
     path = generate_cli("arena_hard", tiny_chat_model, questions["arena_hard"], tmp_path / "ah",
                         "--batch-size", "2")  # fmt: skip
-    got = [json.loads(line)["choices"][0]["turns"][0] for line in path.read_text().splitlines()]
+    records = [json.loads(line) for line in path.read_text().splitlines()]
     tokenizer = AutoTokenizer.from_pretrained(tiny_chat_model)
     model = AutoModelForCausalLM.from_pretrained(tiny_chat_model).eval()
-    for question, turn in zip(ARENA, got, strict=True):
+    for question, record in zip(ARENA, records, strict=True):
+        (turn,), answer_metadata = record["choices"][0]["turns"], record["conv_metadata"]
         ids = tokenizer.apply_chat_template(
             [{"role": "user", "content": question["turns"][0]["content"]}], add_generation_prompt=True,
             return_tensors="pt", return_dict=True,
@@ -122,7 +148,7 @@ def test_greedy_batched_answers_equal_unbatched_generation_of_the_same_model(tin
             out = model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=tokenizer.pad_token_id)
         expected = tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip()
         assert turn["content"] == expected
-        assert turn["token_len"] == len(tokenizer(expected, add_special_tokens=False)["input_ids"])
+        assert answer_metadata["token_len"] == len(tokenizer(expected, add_special_tokens=False)["input_ids"])
 
 
 @pytest.mark.parametrize(
@@ -136,3 +162,38 @@ def test_greedy_batched_answers_equal_unbatched_generation_of_the_same_model(tin
 )
 def test_output_path_follows_each_harness_layout(bench, output, expected):
     assert answers.output_path(bench, output, "m") == Path(expected)
+
+
+def test_arena_hard_writer_names_the_version_whose_format_it_writes():
+    assert answers.ARENA_HARD_COMMIT == ARENA_HARD_V01_COMMIT
+    assert answers.ARENA_HARD_REPOSITORY == "https://github.com/lmarena/arena-hard-auto"
+    records = answers.arena_hard_answers(ARENA, lambda convs, t, n: ["**4**" for _ in convs], "m", 8, len)
+    for record in records:
+        assert_arena_hard_v01_record(record, "m")
+        assert record["conv_metadata"]["token_len"] == 5  # the given counter on the answer's text
+
+
+def test_arena_hard_style_counts_skip_code_blocks_and_count_each_header_level():
+    answer = "\n".join(
+        [
+            "# Plan",
+            "## Steps",
+            "#not a header (no space)",
+            "1. **first** step",
+            "  2. second step",
+            "- a dash item",
+            "* a star item",
+            "+ a plus item",
+            "Some __underlined__ and **bold** words, and ** not bold",
+            "```python",
+            "# a comment, not a header",
+            "- not a list item",
+            "```",
+            "###### Deepest",
+        ]
+    )
+    assert answers.markdown_counts(answer) == {
+        "header_count": {"h1": 1, "h2": 1, "h3": 0, "h4": 0, "h5": 0, "h6": 1},
+        "list_count": {"ordered": 2, "unordered": 3},
+        "bold_count": {"**": 2, "__": 1},
+    }

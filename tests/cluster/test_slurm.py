@@ -1,7 +1,8 @@
 """The Slurm scripts, run by bash with a fake Slurm: the exact commands, the requeue decision, signal forwarding.
 
-``scontrol`` and ``srun`` are small fakes on PATH that record their arguments; the fake ``srun`` can also play
-a trainer that was preempted (it writes summary.json as the recipe does) or one that crashed.
+``scontrol`` and ``srun`` are small fakes on PATH that record their arguments (``srun`` its environment too:
+what the trainers inherit); the fake ``srun`` can also play a trainer that was preempted (it writes
+summary.json as the recipe does) or one that crashed.
 """
 
 import json
@@ -25,6 +26,7 @@ if [[ "$1 $2" == "show hostnames" ]]; then printf '%s\\n' $FAKE_HOSTS; fi
 """
 FAKE_SRUN = """#!/usr/bin/env bash
 printf '%s\\n' "$@" > "$FAKE_SRUN_ARGS"
+env > "$FAKE_SRUN_ENV"
 case "$FAKE_TRAINER" in
   preempted) echo '{"sft": {"steps": 7, "preempted": true}}' > "$RUN_DIR/summary.json" ;;
   done) echo '{"sft": {"steps": 9, "preempted": false}}' > "$RUN_DIR/summary.json" ;;
@@ -51,6 +53,8 @@ def slurm(tmp_path):
             "SLURM_JOB_NUM_NODES": str(nodes),
             "SLURM_JOB_NODELIST": "gpu-a[017-020]",
             "SLURM_GPUS_ON_NODE": "8",
+            "SLURM_CPUS_ON_NODE": "64",
+            "SLURM_JOB_CPUS_PER_NODE": f"64(x{nodes})",
             "SLURM_SUBMIT_DIR": str(ROOT),
             "CONTAINER_IMAGE": "/images/wrpo-nemo.sqsh",
             "RUN_DIR": str(tmp_path / "run"),
@@ -58,6 +62,7 @@ def slurm(tmp_path):
             "FAKE_HOSTS": " ".join(HOSTS[:nodes]),
             "FAKE_CALLS": str(tmp_path / "calls.txt"),
             "FAKE_SRUN_ARGS": str(tmp_path / "srun_args.txt"),
+            "FAKE_SRUN_ENV": str(tmp_path / "srun_env.txt"),
             "FAKE_TRAINER": "none",
             **env,
         }
@@ -68,10 +73,10 @@ def slurm(tmp_path):
     return run
 
 
-def expected_srun(tmp_path: Path, nodes: int, restart: int, *recipe_args: str) -> list[str]:
+def expected_srun(tmp_path: Path, nodes: int, restart: int, *recipe_args: str, cpus: int = 64) -> list[str]:
     run_dir, log_dir = tmp_path / "run", tmp_path / "logs" / "wrpo-test-4242"
     return [
-        "srun", f"--nodes={nodes}", "--ntasks-per-node=1", "--kill-on-bad-exit=1",
+        "srun", f"--nodes={nodes}", "--ntasks-per-node=1", f"--cpus-per-task={cpus}", "--kill-on-bad-exit=1",
         "--container-image=/images/wrpo-nemo.sqsh", f"--container-mounts={tmp_path}:{tmp_path},{log_dir}:{log_dir}",
         "--container-workdir=/workspace/wrpo-nemo", f"--output={log_dir}/restart{restart}-node%n.log",
         "bash", "scripts/slurm/node.sh", str(log_dir),
@@ -129,6 +134,120 @@ def test_sbatch_headers_request_the_warning_signal_requeue_and_whole_nodes():
         # Without "B:" Slurm signals the job step's tasks (node.sh), not only the batch shell.
         assert opts["signal"].startswith("USR1@") and int(opts["signal"].split("@")[1]) >= 120
         assert "requeue" in opts and opts["open-mode"] == "append" and "exclusive" in opts
+        # The one task per node takes the whole node's CPUs from the allocation, not a fixed count that a node
+        # with fewer CPUs could not grant (or that would leave most of a larger node idle).
+        assert "cpus-per-task" not in opts
+
+
+def srun_env(tmp_path: Path) -> dict[str, str]:
+    """The environment the fake srun (standing for the trainers) ran with."""
+    lines = (tmp_path / "srun_env.txt").read_text().splitlines()
+    return dict(line.split("=", 1) for line in lines if "=" in line)
+
+
+def dumped_env(tmp_path: Path, restart: int = 0) -> dict[str, str]:
+    text = (tmp_path / "logs" / "wrpo-test-4242" / f"restart{restart}.env").read_text()
+    return dict(line.split("=", 1) for line in text.splitlines())
+
+
+def assert_nccl_ib_settings_fit_their_fields(env: dict[str, str]) -> None:
+    """NCCL_IB_RETRY_CNT is a 3-bit InfiniBand queue-pair field (0-7, NCCL's default 7); NCCL_IB_TIMEOUT the
+    5-bit Local Ack Timeout exponent (NCCL accepts 1-31)."""
+    assert 0 <= int(env["NCCL_IB_RETRY_CNT"]) <= 7, env["NCCL_IB_RETRY_CNT"]
+    assert 1 <= int(env["NCCL_IB_TIMEOUT"]) <= 31, env["NCCL_IB_TIMEOUT"]
+
+
+@pytest.mark.parametrize("script", ["wrpo_1node.sbatch", "wrpo_multinode.sbatch"])
+def test_nccl_infiniband_settings_given_to_the_trainers_fit_their_fields(slurm, tmp_path, script):
+    out = slurm(script, FAKE_TRAINER="done")
+    assert out.returncode == 0, out.stderr
+    assert_nccl_ib_settings_fit_their_fields(dumped_env(tmp_path))
+    assert_nccl_ib_settings_fit_their_fields(srun_env(tmp_path))
+    # A site's own values within the fields are kept.
+    out = slurm(script, FAKE_TRAINER="done", NCCL_IB_RETRY_CNT="5", NCCL_IB_TIMEOUT="20")
+    assert out.returncode == 0, out.stderr
+    assert (srun_env(tmp_path)["NCCL_IB_RETRY_CNT"], srun_env(tmp_path)["NCCL_IB_TIMEOUT"]) == ("5", "20")
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("NCCL_IB_RETRY_CNT", "13"),
+        ("NCCL_IB_RETRY_CNT", "-1"),
+        ("NCCL_IB_TIMEOUT", "32"),
+        ("NCCL_IB_TIMEOUT", "x"),
+    ],
+)
+def test_an_infiniband_setting_outside_its_field_is_refused(slurm, tmp_path, name, value):
+    out = slurm("wrpo_1node.sbatch", FAKE_TRAINER="done", **{name: value})
+    assert out.returncode == 2 and f"{name}={value} is outside" in out.stderr
+    assert not (tmp_path / "srun_args.txt").exists()
+
+
+@pytest.mark.parametrize(
+    ("nodes", "allocation", "cpus"),
+    [
+        (1, {}, 64),  # --exclusive: every CPU of the node (SLURM_JOB_CPUS_PER_NODE)
+        (4, {"SLURM_JOB_CPUS_PER_NODE": "112(x3),96"}, 96),  # the smallest node of a mixed allocation
+        (1, {"SLURM_JOB_CPUS_PER_NODE": "", "SLURM_CPUS_ON_NODE": "128"}, 128),
+        (4, {"SLURM_CPUS_PER_TASK": "48"}, 48),  # sbatch --cpus-per-task=48
+        (1, {"SLURM_CPUS_PER_TASK": "48", "CPUS_PER_TASK": "32"}, 32),
+    ],
+)
+def test_srun_gets_the_allocations_cpus_per_task_explicitly(slurm, tmp_path, nodes, allocation, cpus):
+    # Since Slurm 22.05 srun does not inherit sbatch's --cpus-per-task: without the flag the node's one task,
+    # torchrun with its 8 trainers, would be bound to a single CPU.
+    script = "wrpo_1node.sbatch" if nodes == 1 else "wrpo_multinode.sbatch"
+    out = slurm(script, "stages=[sft]", nodes=nodes, FAKE_TRAINER="done", **allocation)
+    assert out.returncode == 0, out.stderr
+    srun_args = (tmp_path / "srun_args.txt").read_text().split("\n")[:-1]
+    assert ["srun", *srun_args] == expected_srun(tmp_path, nodes, 0, "stages=[sft]", cpus=cpus)
+    assert srun_env(tmp_path)["OMP_NUM_THREADS"] == str(cpus // 8)  # the node's CPUs shared by its trainers
+
+
+def test_no_cpu_count_in_the_environment_is_refused(slurm, tmp_path):
+    out = slurm("wrpo_1node.sbatch", SLURM_JOB_CPUS_PER_NODE="", SLURM_CPUS_ON_NODE="")
+    assert out.returncode == 2 and "CPUS_PER_TASK" in out.stderr
+    assert not (tmp_path / "srun_args.txt").exists()
+
+
+@pytest.mark.parametrize("script", ["wrpo_1node.sbatch", "wrpo_multinode.sbatch"])
+def test_the_signal_lead_time_reaches_the_trainers_and_defaults_to_the_headers(slurm, tmp_path, script):
+    header_lead = sbatch_options(script)["signal"].split("@")[1]
+    out = slurm(script, FAKE_TRAINER="done")
+    assert out.returncode == 0, out.stderr
+    assert srun_env(tmp_path)["WRPO_SIGNAL_LEAD_S"] == header_lead
+    assert dumped_env(tmp_path)["WRPO_SIGNAL_LEAD_S"] == header_lead
+    # sbatch --signal=USR1@600 on the command line comes with SIGNAL_LEAD=600.
+    out = slurm(script, FAKE_TRAINER="done", SIGNAL_LEAD="600")
+    assert out.returncode == 0, out.stderr
+    assert srun_env(tmp_path)["WRPO_SIGNAL_LEAD_S"] == "600"
+    out = slurm(script, FAKE_TRAINER="done", SIGNAL_LEAD="10min")
+    assert out.returncode == 2 and "SIGNAL_LEAD=10min" in out.stderr
+
+
+@pytest.mark.parametrize(
+    ("image", "portable"),
+    [
+        ("nvcr.io/nvidia/pytorch:25.11-py3", "nvcr.io#nvidia/pytorch:25.11-py3"),
+        ("registry.example.com:5000/ml/wrpo-nemo:1.0", "registry.example.com:5000#ml/wrpo-nemo:1.0"),
+        ("localhost/wrpo-nemo", "localhost#wrpo-nemo"),
+        ("nvcr.io#nvidia/pytorch:25.11-py3", None),  # the form every enroot reads
+        ("/shared/images/wrpo-nemo.sqsh", None),  # a local squashfs file
+        ("images/wrpo-nemo.sqsh", None),
+        ("nvidia/cuda:12.8.0-base-ubuntu24.04", None),  # Docker Hub: no registry host to spell
+        ("ubuntu:24.04", None),
+    ],
+)
+def test_a_slash_registry_image_gets_a_warning_naming_its_portable_form(slurm, tmp_path, image, portable):
+    out = slurm("wrpo_1node.sbatch", DRY_RUN="1", CONTAINER_IMAGE=image)
+    assert out.returncode == 0, out.stderr
+    (line,) = [shlex.split(x) for x in out.stdout.splitlines() if x.startswith("srun ")]
+    assert f"--container-image={image}" in line  # passed on as given: the warning only advises
+    if portable is None:
+        assert "warning" not in out.stderr
+    else:
+        assert "enroot before 4.0" in out.stderr and f"CONTAINER_IMAGE={portable}" in out.stderr
 
 
 def test_a_preempted_run_requeues_the_job_and_a_finished_one_does_not(slurm, tmp_path):

@@ -141,7 +141,8 @@ class LoggingSection:
     tensorboard: bool = True
     """Write TensorBoard events under ``run_dir/tensorboard``."""
     wandb_project: str | None = None
-    """Weights & Biases project (``wandb`` must be installed); ``None`` disables it."""
+    """Weights & Biases project (``pip install -e .[wandb]``): one W&B run per stage with every metrics.jsonl
+    record, continued on resume (``WANDB_MODE=offline`` for a later ``wandb sync``); ``None`` disables it."""
     plots: bool = True
     """Write PNG plots of loss, margins, accuracies and alpha at the end."""
 

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -32,7 +34,18 @@ def model_flops_per_token(cfg: ModelConfig, mean_context: float) -> float:
 
 
 class MetricsLogger:
-    """Writes one record per step to ``metrics.jsonl`` (and TensorBoard / W&B) and prints progress."""
+    """Writes one record per step to ``metrics.jsonl`` (and TensorBoard / W&B) and prints progress.
+
+    W&B (``wandb_project``): one W&B run per stage, named ``<run folder>-<stage>`` and grouped by the run
+    folder's name, with the run config. Every record of metrics.jsonl becomes one W&B row: its values under
+    ``<stage>/<split>/<name>`` and its step under ``<stage>/step``, the x axis of the stage's charts (a row
+    per record, so a checkpoint published after later steps is kept: W&B's own step must only grow and would
+    drop it). W&B's files go to ``WANDB_DIR``, else to the run folder (a container's working directory is
+    not kept), and the run's id to ``<stage>/wandb_run_id``, so a resumed stage (a requeued job) continues
+    the same W&B run. ``WANDB_MODE=offline`` writes the runs locally for ``wandb sync``. A W&B failure
+    during training (its service process killed by a signal meant for the job, a lost connection) stops W&B
+    with one warning and never the training: metrics.jsonl has every record.
+    """
 
     def __init__(
         self,
@@ -46,6 +59,7 @@ class MetricsLogger:
         wandb_project: str | None,
         run_name: str,
         start_step: int = 0,
+        config: dict[str, Any] | None = None,
     ) -> None:
         self.stage, self.total_steps, self.enabled = stage, total_steps, enabled
         self.log_interval = max(1, log_interval)
@@ -62,9 +76,9 @@ class MetricsLogger:
 
             self._tb = SummaryWriter(str(stage_dir.parent / "tensorboard" / stage))
         if wandb_project:
-            import wandb
-
-            self._wandb = wandb.init(project=wandb_project, name=f"{run_name}-{stage}", reinit=True)
+            self._wandb = _start_wandb(
+                wandb_project, stage_dir, stage, run_name, config, resume=start_step > 0
+            )
 
     def log(self, step: int, metrics: dict[str, Any], split: str = "train") -> None:
         """Record ``metrics`` of optimizer step ``step`` (1-based: steps completed)."""
@@ -77,7 +91,8 @@ class MetricsLogger:
             if self._tb is not None and isinstance(value, int | float):
                 self._tb.add_scalar(f"{self.stage}/{split}/{name}", value, step)
         if self._wandb is not None:
-            self._wandb.log({f"{self.stage}/{split}/{k}": v for k, v in metrics.items()}, step=step)
+            row = {f"{self.stage}/{split}/{k}": v for k, v in metrics.items()}
+            self._call_wandb("log", {f"{self.stage}/step": step, **row})
         if split == "train" and (step % self.log_interval == 0 or step == self.total_steps):
             self._print(step, metrics)
         elif split == "eval":
@@ -98,11 +113,49 @@ class MetricsLogger:
         shown = "  ".join(f"{k.split('/')[-1]}={metrics[k]:.4g}" for k in keys if k in metrics)
         print(f"[{self.stage}] [{bar}] {step}/{self.total_steps} ETA {eta}  {shown}", flush=True)
 
+    def _call_wandb(self, method: str, *args: Any) -> None:
+        try:
+            getattr(self._wandb, method)(*args)
+        except Exception as exc:  # W&B is a view of metrics.jsonl: losing it must not end training
+            print(
+                f"[{self.stage}] warning: W&B stopped ({type(exc).__name__}: {exc}); metrics.jsonl still has "
+                "every record",
+                file=sys.stderr,
+                flush=True,
+            )
+            self._wandb = None
+
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
         if self._wandb is not None:
-            self._wandb.finish()
+            self._call_wandb("finish")
+            self._wandb = None
+
+
+def _start_wandb(
+    project: str, stage_dir: Path, stage: str, run_name: str, config: dict[str, Any] | None, resume: bool
+) -> Any:
+    """The stage's W&B run (see :class:`MetricsLogger`): a new one, or with ``resume`` the one whose id the
+    stage folder keeps."""
+    import wandb
+
+    id_file = stage_dir / "wandb_run_id"
+    run_id = id_file.read_text().strip() if resume and id_file.is_file() else secrets.token_hex(6)
+    id_file.write_text(run_id + "\n")
+    run = wandb.init(
+        project=project,
+        name=f"{run_name}-{stage}",
+        group=run_name,
+        id=run_id,
+        resume="allow",
+        dir=os.environ.get("WANDB_DIR") or str(stage_dir.parent),
+        config=config,
+        reinit="finish_previous",
+    )
+    run.define_metric(f"{stage}/step")
+    run.define_metric(f"{stage}/*", step_metric=f"{stage}/step")
+    return run
 
 
 def _truncate(path: Path, start_step: int) -> None:

@@ -9,8 +9,9 @@ TrainLoop`, the evaluator and the checkpoint components. It then runs the loop w
 
 from __future__ import annotations
 
+import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,7 @@ from wrpo_nemo.training.engine import build_model, build_optimizer, for_forward,
 from wrpo_nemo.training.loop import Evaluator, Throughput, TrainLoop, collect_state, every, restore_state
 from wrpo_nemo.training.outputs import MetricsLogger, model_flops_per_token
 from wrpo_nemo.training.plan import StagePlan
-from wrpo_nemo.training.preemption import Preemption
+from wrpo_nemo.training.preemption import LeadTimeCheck, Preemption, lead_time_from_env
 from wrpo_nemo.training.reference import precomputed_reference
 from wrpo_nemo.training.setup import RunInputs
 from wrpo_nemo.training.stages import Reference, SFTStage, Stage, WRPOStage
@@ -204,6 +205,7 @@ class StageRunner:
         self.dp = dp
         self.metrics: dict[str, float] = {}
         self.save_seconds: list[float] = []
+        self.lead_time = LeadTimeCheck(lead_time_from_env())
         self.logger: MetricsLogger | None = None
         self.async_saves = ckpt.AsyncSaves() if cfg.checkpoint.async_save else None
         if dist.get_rank() == 0:
@@ -230,9 +232,10 @@ class StageRunner:
 
     def save(self, finished: bool, background: bool = False) -> str:
         """Save a training checkpoint (collective). Its blocking time is printed and logged as
-        ``checkpoint_save_s`` (the preemption lead time must cover one step plus one save); with ``background``
-        (``checkpoint.async_save``) the tensors are written while training goes on and the checkpoint is
-        published later (:meth:`_poll_saves`)."""
+        ``checkpoint_save_s`` (the preemption lead time must cover one step plus one save: checked against
+        ``WRPO_SIGNAL_LEAD_S``); with ``background`` (``checkpoint.async_save``) the tensors are written while
+        training goes on and the checkpoint is published later (:meth:`_poll_saves`), whose time to publish
+        stands for the synchronous save a preemption makes."""
         state = {
             **collect_state(self._stateful()),
             **self.stage.state_dict(),
@@ -254,7 +257,15 @@ class StageRunner:
             self.logger.log(self.loop.step, {"checkpoint_save_s": seconds}, split="checkpoint")
         how = "started in the background after" if async_saves is not None else "saved in"
         _report(f"[{self.name}] checkpoint {path.name} {how} {seconds:.1f} s")
+        if async_saves is None:
+            self._check_lead_time(save_s=seconds)
         return str(path)
+
+    def _check_lead_time(self, step_s: float | None = None, save_s: float | None = None) -> None:
+        """Warn (once, rank 0) when one step plus one save outlasts the preemption lead time."""
+        warning = self.lead_time.observe(step_s=step_s, save_s=save_s)
+        if warning is not None and dist.get_rank() == 0:
+            print(f"[{self.name}] warning: {warning}", file=sys.stderr, flush=True)
 
     def _poll_saves(self, blocking: bool = False) -> None:
         """Publish a background save whose write has finished (collective)."""
@@ -269,6 +280,7 @@ class StageRunner:
                 self.logger.log(
                     int(path.name.split("_")[-1]), {"checkpoint_async_s": seconds}, split="checkpoint"
                 )
+            self._check_lead_time(save_s=seconds)
         self.async_saves.published.clear()
 
     def announce(self) -> None:
@@ -287,13 +299,14 @@ class StageRunner:
         logger = MetricsLogger(
             self.stage_dir, self.name, self.loop.total_steps, enabled=dist.get_rank() == 0,
             log_interval=log.log_interval, tensorboard=log.tensorboard, wandb_project=log.wandb_project,
-            run_name=Path(self.cfg.run_dir).name, start_step=self.loop.step,
+            run_name=Path(self.cfg.run_dir).name, start_step=self.loop.step, config=asdict(self.cfg),
         )  # fmt: skip
         self.logger = logger
 
         def record(loop: TrainLoop, metrics: dict[str, float]) -> None:
             self.metrics = metrics
             logger.log(loop.step, metrics)
+            self._check_lead_time(step_s=metrics.get("step_time_s"))
 
         def evaluate(loop: TrainLoop, _) -> None:
             logger.log(loop.step, self.evaluate(self.ddp), split="eval")
