@@ -32,7 +32,7 @@ import shutil
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -438,11 +438,19 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--seeds", type=int, default=3, help="seeds 1..N (SFT order, samples, stage-2 order)")
     p.add_argument("--quick", action="store_true", help="a few minutes: few prompts, short runs (the test)")
     p.add_argument("--jobs", type=int, default=1, help="seeds run side by side in N processes")
+    p.add_argument("--wrpo-lr", type=float, help=f"stage-2 peak learning rate (default {FULL.lr_wrpo})")
+    p.add_argument("--beta", type=float, help=f"stage-2 beta (default {FULL.beta})")
     args = p.parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    scale = QUICK if args.quick else FULL
+    changes = {k: v for k, v in (("lr_wrpo", args.wrpo_lr), ("beta", args.beta)) if v is not None}
+    scale = replace(QUICK if args.quick else FULL, **changes)
+    # Finished units are reused on a rerun: only with the settings they were made with.
+    settings = out / "scale.json"
+    if settings.is_file() and json.loads(settings.read_text()) != asdict(scale):
+        raise SystemExit(f"{out} holds a study with other settings ({settings}); choose another --out")
+    write_json(settings, asdict(scale))
     started = time.time()
     paths = build_data(out, scale)
     target = build_target(out, scale, paths)
@@ -457,7 +465,9 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         per_seed = [run_seed(*job) for job in jobs]
     wall = time.time() - started
-    results = report.write(out, target, per_seed, OBJECTIVES, wall, quick=args.quick, jobs=args.jobs)
+    results = report.write(
+        out, target, per_seed, OBJECTIVES, wall, scale=asdict(scale), quick=args.quick, jobs=args.jobs
+    )
     print((out / "results.md").read_text())
     return results
 
