@@ -2,9 +2,10 @@
 
     python scripts/repro/study.py --out runs/study [--seeds 3] [--quick] [--jobs 2]
 
-The task (``task.py``): two-digit addition. The *target* is a tiny Llama that first learns to answer tersely
-(``the answer is N .``, its native style, imperfectly); the *source* is an oracle that writes its working, units
-first with the carry, a style the target never produces. Per seed, as the paper's pipeline does:
+The task (``study_task.py``): addition of one- to three-digit numbers. The *target* is a tiny Llama that first
+learns to write column arithmetic in words (its native style, imperfectly); the *source* is an oracle, always
+right, that writes the columns in a shorter symbolic style the target never produces. Per seed, as the paper's
+pipeline does:
 
 1. ``sft``: the target is fine-tuned on the source responses y_ws of a third of the prompts (the recipe's SFT
    stage, ``wrpo_nemo.pipeline.run`` with ``stages=[sft]``), exported to Hugging Face.
@@ -15,7 +16,8 @@ first with the carry, a style the target never produces. Per seed, as the paper'
 4. ``select``: y_ws = the best source response, y_wt / y_l = the best / worst target sample
    (``construct.py select``); a prompt whose target samples all score the same is left out and counted.
 5. Stage 2 from the same SFT checkpoint for every objective (``OBJECTIVES``), each exported and evaluated on
-   held-out questions: greedy answer accuracy, the mean score of sampled answers, the share of worked answers;
+   held-out questions: greedy answer accuracy, the mean score and accuracy of sampled answers, the share of
+   answers in the source's style;
    the implicit rewards of y_ws, y_wt and y_l on the held-out split over training come from metrics.jsonl.
 
 Then ``DIR/results.md`` (mean ± std over seeds, printed), ``DIR/results.json`` and the plots ``DIR/*.png``.
