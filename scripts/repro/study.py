@@ -2,9 +2,10 @@
 
     python scripts/repro/study.py --out runs/study [--seeds 3] [--quick] [--jobs 2]
 
-The task (``task.py``): two-digit addition. The *target* is a tiny Llama that first learns to answer tersely
-(``the answer is N .``, its native style, imperfectly); the *source* is an oracle that writes its working, units
-first with the carry, a style the target never produces. Per seed, as the paper's pipeline does:
+The task (``study_task.py``): addition of one- to three-digit numbers. The *target* is a tiny Llama that first
+learns to write column arithmetic in words (its native style, imperfectly); the *source* is an oracle, always
+right, that writes the columns in a shorter symbolic style the target never produces. Per seed, as the paper's
+pipeline does:
 
 1. ``sft``: the target is fine-tuned on the source responses y_ws of a third of the prompts (the recipe's SFT
    stage, ``wrpo_nemo.pipeline.run`` with ``stages=[sft]``), exported to Hugging Face.
@@ -15,7 +16,8 @@ first with the carry, a style the target never produces. Per seed, as the paper'
 4. ``select``: y_ws = the best source response, y_wt / y_l = the best / worst target sample
    (``construct.py select``); a prompt whose target samples all score the same is left out and counted.
 5. Stage 2 from the same SFT checkpoint for every objective (``OBJECTIVES``), each exported and evaluated on
-   held-out questions: greedy answer accuracy, the mean score of sampled answers, the share of worked answers;
+   held-out questions: greedy answer accuracy, the mean score and accuracy of sampled answers, the share of
+   answers in the source's style;
    the implicit rewards of y_ws, y_wt and y_l on the held-out split over training come from metrics.jsonl.
 
 Then ``DIR/results.md`` (mean ± std over seeds, printed), ``DIR/results.json`` and the plots ``DIR/*.png``.
@@ -32,7 +34,7 @@ import shutil
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -438,11 +440,19 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--seeds", type=int, default=3, help="seeds 1..N (SFT order, samples, stage-2 order)")
     p.add_argument("--quick", action="store_true", help="a few minutes: few prompts, short runs (the test)")
     p.add_argument("--jobs", type=int, default=1, help="seeds run side by side in N processes")
+    p.add_argument("--wrpo-lr", type=float, help=f"stage-2 peak learning rate (default {FULL.lr_wrpo})")
+    p.add_argument("--beta", type=float, help=f"stage-2 beta (default {FULL.beta})")
     args = p.parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    scale = QUICK if args.quick else FULL
+    changes = {k: v for k, v in (("lr_wrpo", args.wrpo_lr), ("beta", args.beta)) if v is not None}
+    scale = replace(QUICK if args.quick else FULL, **changes)
+    # Finished units are reused on a rerun: only with the settings they were made with.
+    settings = out / "scale.json"
+    if settings.is_file() and json.loads(settings.read_text()) != asdict(scale):
+        raise SystemExit(f"{out} holds a study with other settings ({settings}); choose another --out")
+    write_json(settings, asdict(scale))
     started = time.time()
     paths = build_data(out, scale)
     target = build_target(out, scale, paths)
@@ -457,7 +467,9 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         per_seed = [run_seed(*job) for job in jobs]
     wall = time.time() - started
-    results = report.write(out, target, per_seed, OBJECTIVES, wall, quick=args.quick, jobs=args.jobs)
+    results = report.write(
+        out, target, per_seed, OBJECTIVES, wall, scale=asdict(scale), quick=args.quick, jobs=args.jobs
+    )
     print((out / "results.md").read_text())
     return results
 

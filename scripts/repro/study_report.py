@@ -62,14 +62,16 @@ def _cell(entry: dict | None, digits: int = 3) -> str:
 
 
 def markdown(
-    target: dict, per_seed: list[dict], objectives: dict, table: dict, wall: float, quick: bool
+    target: dict, per_seed: list[dict], objectives: dict, table: dict, wall: float, scale: dict, quick: bool
 ) -> str:
     seeds = [s["seed"] for s in per_seed]
     lines = [
         f"# WRPO toy study{' (quick)' if quick else ''}: {len(seeds)} seed(s) {seeds}, wall time {wall / 60:.1f} min",
         "",
-        "Mean ± std over seeds. Accuracy and scores on the held-out test questions; r(.) = beta x log-ratio on "
-        "the held-out split at the end of stage 2.",
+        f"Stage 2 from each seed's SFT checkpoint: lr {scale['lr_wrpo']:g}, beta {scale['beta']:g}, "
+        f"{scale['wrpo_epochs']} epoch(s), {scale['batch']} prompts per step; k = {scale['samples']} samples per "
+        f"prompt. Mean ± std over seeds. Accuracy and scores on {scale['test']} held-out test questions; "
+        "r(.) = beta x log(pi / pi_SFT) on the held-out split at the end of stage 2.",
         "",
         "| objective | " + " | ".join(METRICS.values()) + " | " + " | ".join(ROLE_NAMES.values()) + " |",
         "|---|" + "---|" * (len(METRICS) + len(ROLES)),
@@ -147,13 +149,14 @@ def plot(out: Path, target: dict, per_seed: list[dict], objectives: dict, table:
     return paths
 
 
-def write(out: Path, target: dict, per_seed: list[dict], objectives: dict, wall: float, *, quick: bool,
-          jobs: int) -> dict:  # fmt: skip
+def write(out: Path, target: dict, per_seed: list[dict], objectives: dict, wall: float, *, scale: dict,
+          quick: bool, jobs: int) -> dict:  # fmt: skip
     """Write ``results.json``, ``results.md`` and the plots; returns what ``results.json`` holds."""
     table = aggregate(per_seed, objectives)
-    results = {"quick": quick, "jobs": jobs, "wall_seconds": wall, "target": target, "table": table,
-               "per_seed": per_seed, "labels": {n: label for n, (label, _) in objectives.items()}}  # fmt: skip
+    results = {"quick": quick, "scale": scale, "jobs": jobs, "wall_seconds": wall, "target": target,
+               "table": table, "per_seed": per_seed,
+               "labels": {n: label for n, (label, _) in objectives.items()}}  # fmt: skip
     (out / "results.json").write_text(json.dumps(results, indent=1))
-    (out / "results.md").write_text(markdown(target, per_seed, objectives, table, wall, quick))
+    (out / "results.md").write_text(markdown(target, per_seed, objectives, table, wall, scale, quick))
     plot(out, target, per_seed, objectives, table)
     return results

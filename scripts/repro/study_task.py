@@ -1,16 +1,18 @@
-"""The study's toy task: addition of one- to three-digit numbers, a source that writes its working, a blind scorer.
+"""The study's toy task: addition of one- to three-digit numbers, two styles of working, a blind scorer.
 
-The *target* model's native style is the terse ``the answer is N .``; a tiny Llama learns that style from
-correct answers (the study's "Target", the stand-in for LLaMA-3-8B-Instruct) and is imperfect at it, the more
-so the more digits and carries a question has, since it writes the carry-dependent leading digits first. The
-*source* is an oracle that writes the working, column by column from the units with the carry, in a style the
-target never saw:
+The *target* model's native style is column arithmetic in words; a tiny Llama learns it from correct answers
+(the study's "Target", the stand-in for LLaMA-3-8B-Instruct) and is imperfect at it, the more so the more
+digits and carries a question has. The *source* is an oracle, always right, that writes the same columns in a
+shorter symbolic style the target never produces:
 
-    what is 47 + 38 ?   ->   7 + 8 = 15 . write 5 carry 1 . 4 + 3 + 1 = 8 . write 8 carry 0 . the answer is 85 .
+    what is 47 + 38 ?
+    target (native):  units : 7 plus 8 makes 15 , keep 5 , carry 1 . tens : 4 plus 3 plus 1 makes 8 , keep 8 ,
+                      carry 0 . the answer is 85 .
+    source:           8 + 7 = 15 . write 5 carry 1 . 4 + 3 + 1 = 8 . write 8 carry 0 . the answer is 85 .
 
 The scorer sees only the prompt and the response (never which model wrote it): one point for a correct final
-answer, a penalty for a response without a readable answer, and a small cost per token, so a correct terse
-answer outscores a correct worked one. Numbers are written digit by digit by the word-level tokenizer.
+answer, a penalty for a response without a readable answer, and a small cost per token. Numbers are written
+digit by digit by the word-level tokenizer.
 """
 
 from __future__ import annotations
@@ -46,23 +48,11 @@ def question(a: int, b: int) -> str:
     return f"what is {a} + {b} ?"
 
 
-def operands(prompt: str) -> tuple[int, int]:
-    match = re.search(r"what is (\d+) \+ (\d+)", re.sub(r"(?<=\d) (?=\d)", "", prompt))
-    if match is None:
-        raise ValueError(f"not a question of the task: {prompt!r}")
-    return int(match.group(1)), int(match.group(2))
-
-
-def terse_answer(a: int, b: int) -> str:
-    """The target's native style."""
-    return f"the answer is {a + b} ."
-
-
 def worked_answer(a: int, b: int) -> str:
     """The source's style: one step per column from the units (the sum, the digit written, the carry), then
     the answer. The first column adds two digits, the others add the carry too. Like a sampled model, the
-    source writes the two digits of a column in either order (drawn per question and column, same length), so
-    its exact text is not a function of the question."""
+    source writes the two digits of a column in either order (drawn per question and column by a generator
+    seeded with the question; same length either way): the order cannot be read from the question."""
     rng = random.Random(f"source:{a}+{b}")
     steps, carry = [], 0
     for column in range(len(str(max(a, b)))):
