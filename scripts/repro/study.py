@@ -246,7 +246,7 @@ def train(config: dict) -> Path:
     # Only the export is kept: the megatron checkpoints of a tiny model are many small files.
     shutil.rmtree(run_dir / stage / "checkpoints", ignore_errors=True)
     shutil.rmtree(run_dir / "imported_hf", ignore_errors=True)
-    print(f"[{run_dir.name}] {stage}: {result.steps} steps", flush=True)
+    print(f"[{run_dir.parent.name}] {stage}: {result.steps} steps", flush=True)
     return run_dir / stage / "hf"
 
 
