@@ -169,12 +169,12 @@ def restore_state(components: dict[str, Stateful | None], state: dict[str, Any])
             component.load_state_dict(state if not name else state[name])
 
 
-def every(interval: int, action: Callable[[TrainLoop, dict[str, float]], Any], *, before_end: bool = True):
-    """A callback running ``action`` every ``interval`` steps (never when ``interval`` is 0); with
-    ``before_end``, not at the loop's last step (the recipe does its final evaluation and save itself)."""
+def every(interval: int, action: Callable[[TrainLoop, dict[str, float]], Any]):
+    """A callback running ``action`` every ``interval`` steps (never when ``interval`` is 0), except at the loop's
+    last step (the recipe does its final evaluation and save itself)."""
 
     def callback(loop: TrainLoop, metrics: dict[str, float]) -> None:
-        if interval and loop.step % interval == 0 and not (before_end and loop.step >= loop.total_steps):
+        if interval and loop.step % interval == 0 and loop.step < loop.total_steps:
             action(loop, metrics)
 
     return callback

@@ -56,10 +56,6 @@ class Preemption:
     def __init__(self) -> None:
         install()
 
-    @property
-    def requested(self) -> bool:
-        return requested()
-
     def agreed(self) -> bool:
         import torch
         import torch.distributed as dist

@@ -94,12 +94,11 @@ def prepare_dataset(cfg: RunConfig, tokenizer: Any) -> TokenizedDataset:
         if dist.get_rank() == 0 and not records.is_file():
             build_toy_dataset(str(folder), d.toy_examples, seed=cfg.seed, max_operand=d.toy_max_operand)
         source = dataclasses.replace(source, sources=[str(records)])
-    if dist.get_rank() == 0:
-        dataset = build_or_load(source, tokenizer)
-    dist.barrier()
-    if dist.get_rank() != 0:
-        dataset = build_or_load(source, tokenizer)
-    return dataset
+    # Rank 0 builds or finds the cache (hashing the records for its key); the others open the folder it names
+    # instead of hashing every data file again.
+    found = [build_or_load(source, tokenizer).path if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(found, src=0)
+    return TokenizedDataset(found[0])
 
 
 def world_size() -> int:
