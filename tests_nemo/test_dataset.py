@@ -186,3 +186,45 @@ def test_a_nemo_tokenizer_without_a_hugging_face_one_is_refused() -> None:
 
     with pytest.raises(ValueError, match="library=huggingface"):
         hf_tokenizer(SentencePieceLike())
+
+
+def test_a_repeated_prompt_id_is_refused_or_skipped_like_the_data_layer(
+    tmp_path: Any, nemo_tokenizer: Any, toy_records: Any
+) -> None:
+    from wrpo_nemo.data.records import DataError
+    from wrpo_nemo.integrations.nemo_aligner.dataset import WRPOModelDataset
+
+    records = [dict(r) for r in toy_records[1][:4]]
+    records.append(dict(records[1]))  # record 5 repeats record 2
+    path = tmp_path / "repeated.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+
+    with pytest.raises(DataError) as err:
+        WRPOModelDataset(_cfg(), nemo_tokenizer, "train", str(path), np.arange(5), records, MAX_LENGTH, 0)
+    assert "record 5" in str(err.value) and "first at train record 2" in str(err.value)
+    assert err.value.cause == "duplicate_prompt_id"
+
+    skipping = WRPOModelDataset(
+        _cfg(records={"on_invalid": "skip"}),
+        nemo_tokenizer,
+        "train",
+        str(path),
+        np.arange(5),
+        records,
+        MAX_LENGTH,
+        0,
+    )
+    from wrpo_nemo.data.records import ReadConfig
+
+    tokenize = TokenizeConfig(max_length=MAX_LENGTH, max_prompt_length=MAX_PROMPT, seq_length=3 * MAX_LENGTH)
+    cfg = DataConfig(
+        sources=[str(path)],
+        read=ReadConfig(on_invalid="skip"),
+        tokenize=tokenize,
+        cache_dir=str(tmp_path / "cache"),
+        num_workers=1,
+    )
+    reference = build_or_load(cfg, nemo_tokenizer.tokenizer)
+    assert reference.report["duplicate_prompt_ids"] == 1
+    assert len(skipping) == 4 and skipping.report["invalid/duplicate_prompt_id"] == 1
+    assert [e["prompt_id"] for e in skipping.examples] == reference.prompt_ids

@@ -267,3 +267,21 @@ def test_scores_equal_the_reward_model_on_each_pair_alone(workspace, tmp_path, p
         ids = torch.tensor([tok(text, add_special_tokens=False)["input_ids"]])
         with torch.no_grad():
             assert r["score"] == pytest.approx(float(model(input_ids=ids).logits[0, 0]), abs=1e-5)
+
+
+def test_prompt_file_with_a_repeated_id_is_refused_naming_both_lines(tmp_path):
+    from wrpo_nemo.data.construction.shards import read_prompts
+    from wrpo_nemo.data.records import DataError
+
+    path = tmp_path / "prompts.jsonl"
+    rows = [
+        {"prompt_id": "a", "prompt": "one"},
+        {"prompt_id": "b", "prompt": "two"},
+        {"prompt_id": "a", "prompt": "3"},
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(DataError) as err:
+        read_prompts(str(path))
+    message = str(err.value)
+    assert "prompts.jsonl" in message and "line 3" in message and "line 1" in message
+    assert err.value.field_name == "prompt_id" and err.value.cause == "duplicate_prompt_id"

@@ -106,14 +106,16 @@ def test_tokens_merging_across_the_prompt_end_are_refused():
 def test_end_of_turn_token_the_template_never_writes_is_refused(family_tokenizer):
     family, tok = family_tokenizer
     other = {"llama3": "<|end_of_text|>", "chatml": "<|endoftext|>", "mistral": "[INST]"}[family]
-    with pytest.raises(TemplateError, match="did not close the assistant turn"):
+    with pytest.raises(TemplateError, match="did not close the assistant turn") as err:
         _tokenize(tok, eot_token=other)
+    assert "data.source.tokenize.eot_token" in str(err.value)  # the key a recipe user sets
 
 
 def test_end_of_turn_token_outside_the_vocabulary_is_refused(family_tokenizer):
     _, tok = family_tokenizer
-    with pytest.raises(ValueError, match="not a token of the tokenizer"):
+    with pytest.raises(ValueError, match="not a token of the tokenizer") as err:
         eot_token_id(tok, TokenizeConfig(eot_token="<|no-such-token|>"))
+    assert "data.source.tokenize.eot_token" in str(err.value) and "model.data.eot_token" in str(err.value)
 
 
 def test_response_containing_the_end_of_turn_token_is_a_data_error(family_tokenizer):

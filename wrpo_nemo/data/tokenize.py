@@ -56,16 +56,22 @@ class TokenizeConfig:
             )
 
 
+EOT_SETTING = (
+    "eot_token (data.source.tokenize.eot_token in a recipe config, model.data.eot_token under NeMo-Aligner)"
+)
+"""Where a user sets the end-of-turn token, as the messages below name it."""
+
+
 def eot_token_id(tokenizer: Any, cfg: TokenizeConfig) -> int:
     """Id of the end-of-turn token named by ``cfg`` (or the tokenizer's eos)."""
     token = cfg.eot_token or tokenizer.eos_token
     if token is None:
         raise ValueError(
-            "the tokenizer has no eos_token: set data.eot_token to the template's end-of-turn token"
+            f"the tokenizer has no eos_token: set {EOT_SETTING} to the template's end-of-turn token"
         )
     token_id = tokenizer.convert_tokens_to_ids(token)
     if token_id is None or token_id == tokenizer.unk_token_id:
-        raise ValueError(f"data.eot_token {token!r} is not a token of the tokenizer")
+        raise ValueError(f"{EOT_SETTING}: {token!r} is not a token of the tokenizer")
     return int(token_id)
 
 
@@ -119,7 +125,7 @@ def response_suffix(
     if eot_id not in suffix:
         raise TemplateError(
             f"{example.where}: the chat template did not close the assistant turn with the end-of-turn token "
-            f"(id {eot_id}); set data.eot_token to the token it uses"
+            f"(id {eot_id}); set {EOT_SETTING} to the token it uses"
         )
     last = len(suffix) - 1 - suffix[::-1].index(eot_id)
     if eot_id in suffix[:last]:

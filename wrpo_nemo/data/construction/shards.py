@@ -13,8 +13,12 @@ from wrpo_nemo.data.records import DataError, iter_raw_records, parse_prompt
 def read_prompts(
     path: str, prompt_column: str = "prompt", id_column: str = "prompt_id"
 ) -> list[dict[str, Any]]:
-    """``{"prompt_id", "prompt"}`` (messages) of every record of a prompt file; bad records raise ``DataError``."""
+    """``{"prompt_id", "prompt"}`` (messages) of every record of a prompt file; bad records raise ``DataError``.
+
+    Generated responses, scores and the final records are keyed by the prompt id, so a repeated id is refused.
+    """
     prompts = []
+    first_at: dict[str, str] = {}
     for where, record in iter_raw_records(path):
         if isinstance(record, DataError):
             raise record
@@ -22,8 +26,17 @@ def read_prompts(
             raise DataError(
                 where, None, f"a prompt record needs '{id_column}' and '{prompt_column}'", "missing_field"
             )
+        prompt_id = str(record[id_column])
+        if prompt_id in first_at:
+            raise DataError(
+                where,
+                id_column,
+                f"duplicate prompt id {prompt_id!r} (first at {first_at[prompt_id]})",
+                "duplicate_prompt_id",
+            )
+        first_at[prompt_id] = where
         messages = parse_prompt(record[prompt_column], where, prompt_column)
-        prompts.append({"prompt_id": str(record[id_column]), "prompt": list(messages)})
+        prompts.append({"prompt_id": prompt_id, "prompt": list(messages)})
     return prompts
 
 

@@ -85,10 +85,18 @@ def tokenize_records(
     eot_id = eot_token_id(hf, tokenize)
     kept: list[dict[str, Any]] = []
     report: Counter = Counter()
+    first_at: dict[str, str] = {}
     for index in documents:
         where = f"{name} record {int(index) + 1}"
         try:
             example = parse_record(data[int(index)], where, read)
+            if example.prompt_id in first_at:  # as the recipe's reader: a repeated prompt would count twice
+                field_name = read.prompt_id_column or read.prompt_column
+                problem = (
+                    f"duplicate prompt id {example.prompt_id!r} (first at {first_at[example.prompt_id]})"
+                )
+                raise DataError(where, field_name, problem, "duplicate_prompt_id")
+            first_at[example.prompt_id] = where
             tokenized = tokenize_example(hf, example, tokenize, eot_id)
         except DataError as err:
             if read.on_invalid != "skip":
