@@ -43,23 +43,18 @@ def parallel_state() -> Any:
 @pytest.fixture
 def make_model(parallel_state: Any) -> Callable[..., Any]:
     """``make_model(**dpo_keys)``: a ``MegatronGPTWRPOModel`` with ``model.dpo`` = the paper's values + overrides."""
-    from omegaconf import OmegaConf
+    import importlib.util
+    from pathlib import Path
 
-    from wrpo_nemo.integrations.nemo_aligner.config import WRPOLossConfig
-    from wrpo_nemo.integrations.nemo_aligner.model import MegatronGPTWRPOModel
+    spec = importlib.util.spec_from_file_location(
+        "wrpo_nemo_lane_cp_step", Path(__file__).parent / "cp_step.py"
+    )
+    cp_step = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cp_step)
 
     def build(**dpo: Any) -> Any:
-        section = {"ref_policy_kl_penalty": 0.01, "alpha": 0.1, "alpha_schedule": "linear", **dpo}
-        cfg = OmegaConf.create(
-            {"micro_batch_size": 1, "dpo": {**section, "log_prob_forward_micro_batch_size": 1}, "data": {}}
-        )
-        model = object.__new__(MegatronGPTWRPOModel)
-        model.cfg = cfg
-        model.wrpo = WRPOLossConfig.from_dpo_section(cfg.dpo)
-        model.training_progress = None
-        model.mcore_gpt = True
-        model.autocast_dtype = torch.float32
-        return model
+        paper = {"ref_policy_kl_penalty": 0.01, "alpha": 0.1, "alpha_schedule": "linear"}
+        return cp_step.wrpo_model(1, **{**paper, **dpo})
 
     return build
 

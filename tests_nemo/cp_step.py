@@ -42,8 +42,8 @@ class TableGPT(torch.nn.Module):
         return self.table[input_ids]
 
 
-def wrpo_model(micro_batch_size: int = MICRO_BATCH_SIZE) -> Any:
-    """A ``MegatronGPTWRPOModel`` object with the paper's ``dpo`` section (see ``conftest.make_model``)."""
+def wrpo_model(micro_batch_size: int = MICRO_BATCH_SIZE, **dpo_keys: Any) -> Any:
+    """A ``MegatronGPTWRPOModel`` object (no weights) whose ``model.dpo`` section is this test's, with overrides."""
     from omegaconf import OmegaConf
 
     from wrpo_nemo.integrations.nemo_aligner.config import WRPOLossConfig
@@ -54,6 +54,7 @@ def wrpo_model(micro_batch_size: int = MICRO_BATCH_SIZE) -> Any:
         "alpha": 0.1,
         "alpha_schedule": "constant",
         "log_prob_forward_micro_batch_size": micro_batch_size,
+        **dpo_keys,
     }
     cfg = OmegaConf.create({"micro_batch_size": micro_batch_size, "dpo": dpo, "data": {}, "optim": {}})
     model = object.__new__(MegatronGPTWRPOModel)
