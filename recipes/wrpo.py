@@ -19,6 +19,10 @@ from wrpo_nemo.training import preemption
 # training stops at its first step boundary with a checkpoint.
 preemption.install()
 
+from wrpo_nemo.cli import quiet_library_warnings  # noqa: E402
+
+quiet_library_warnings()  # before megatron is imported: some of its warnings fire at import
+
 import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 

@@ -32,3 +32,44 @@ def test_debug_and_other_errors_propagate(capsys):
     with pytest.raises(KeyError), user_errors():
         raise KeyError("a bug, not an input")
     assert capsys.readouterr().err == ""
+
+
+# megatron-core's own warnings, raised as it is imported on a machine without TransformerEngine/Apex.
+_IMPORT_MEGATRON = "import megatron.core.optimizer, megatron.core.models.gpt.gpt_layer_specs"
+
+
+def _stderr_of(code: str, **env: str) -> str:
+    import os
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env={**os.environ, **env}
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    return out.stderr
+
+
+def test_library_chatter_is_filtered_on_a_cpu_machine_and_shown_when_asked():
+    """Against the pinned megatron-core's real warnings: present without the filter, gone with it, back with
+    WRPO_LIBRARY_WARNINGS=1."""
+    quiet = "from wrpo_nemo.cli import quiet_library_warnings; quiet_library_warnings(gpu=False); "
+    assert "Apex are not installed" in _stderr_of(_IMPORT_MEGATRON)
+    assert "not installed" not in _stderr_of(quiet + _IMPORT_MEGATRON)
+    assert "Apex are not installed" in _stderr_of(quiet + _IMPORT_MEGATRON, WRPO_LIBRARY_WARNINGS="1")
+
+
+def test_the_filter_keeps_other_warnings_and_the_gpu_fallback_warning_on_a_gpu():
+    import warnings
+
+    from wrpo_nemo.cli import quiet_library_warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        quiet_library_warnings(gpu=True)
+        warnings.warn(
+            "Transformer Engine and Apex are not installed. Falling back", UserWarning, stacklevel=1
+        )
+        warnings.warn("full scope is deprecated. Use empty cuda_graph_scope", UserWarning, stacklevel=1)
+        warnings.warn("the learning rate is zero", UserWarning, stacklevel=1)
+    assert [str(w.message)[:20] for w in caught] == ["Transformer Engine a", "the learning rate is"]

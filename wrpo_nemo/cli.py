@@ -16,7 +16,9 @@ name what to fix; their tracebacks would only bury that. ``recipes/wrpo.py`` sho
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -75,3 +77,29 @@ def user_errors(debug: bool = False) -> Iterator[None]:
             raise
         print(error_line(exc), file=sys.stderr)
         sys.exit(EXIT_CODE)
+
+
+# Library warnings that tell a user of this project nothing to act on: deprecations inside megatron-core and
+# torch.distributed's checkpointing that this project's code does not call directly, and (on a machine
+# without a GPU, where it is expected) megatron falling back from TransformerEngine/Apex kernels.
+LIBRARY_CHATTER = (
+    (UserWarning, r"full scope is deprecated"),
+    (FutureWarning, r"`load_state_dict` is deprecated"),
+    (FutureWarning, r"Please use DTensor instead and we are deprecating ShardedTensor"),
+)
+CPU_CHATTER = ((UserWarning, r"(Transformer Engine and )?Apex (is|are) not installed"),)
+SHOW_LIBRARY_WARNINGS = "WRPO_LIBRARY_WARNINGS"
+"""Set to 1 to see every library warning (they are filtered by default)."""
+
+
+def quiet_library_warnings(gpu: bool | None = None) -> None:
+    """Keep :data:`LIBRARY_CHATTER` (and :data:`CPU_CHATTER` without a GPU) off the console; call before megatron
+    is imported, its fallback warnings fire at import. ``WRPO_LIBRARY_WARNINGS=1`` leaves every warning on."""
+    if os.environ.get(SHOW_LIBRARY_WARNINGS) == "1":
+        return
+    if gpu is None:
+        import torch
+
+        gpu = torch.cuda.is_available()
+    for category, message in LIBRARY_CHATTER + (() if gpu else CPU_CHATTER):
+        warnings.filterwarnings("ignore", message=message, category=category)

@@ -121,6 +121,12 @@ def test_tiny_recipe_runs_both_stages_and_leaves_every_output(straight):
     # keep_last=2 with saves at steps 3 and 6: both kept, nothing half-written left behind.
     assert straight.checkpoints == ["step_0000003", "step_0000006"]
     assert straight.hf_vocab_size == straight.tokenizer_size
+    # Each stage says how it computes: SFT has nothing to share; the default WRPO layout shares each prompt.
+    assert (
+        "[sft] 3 optimizer steps" in straight.out
+        and "separate layout, attention per-span SDPA" in straight.out
+    )
+    assert "shared_prompt layout, attention per-span SDPA (local layers), float32" in straight.out
 
 
 @pytest.mark.slow

@@ -198,7 +198,7 @@ def _tokenize_all(examples: list[Example], tokenizer: Any, cfg: DataConfig) -> A
 def _write_arrays(tokenized: Any, keep: np.ndarray, folder: str) -> None:
     import pyarrow.compute as pc
 
-    table = tokenized.select(np.flatnonzero(keep).tolist()).flatten_indices().data.table
+    table = tokenized.with_format("arrow")[np.flatnonzero(keep).tolist()]  # no rewrite, no progress bar
     for column in COLUMNS:
         ids = table.column(f"{column}_ids").combine_chunks()
         offsets = np.zeros(len(ids) + 1, dtype=np.int64)

@@ -285,11 +285,20 @@ class StageRunner:
 
     def announce(self) -> None:
         if dist.get_rank() == 0:
+            from wrpo_nemo.data.packing import effective_layout
+            from wrpo_nemo.models.builder import use_transformer_engine
+
             mode = self.stage.reference.mode if self.stage.reference else None
+            layout = effective_layout(self.name, self.cfg.data.layout)
+            attention = (
+                "TransformerEngine (THD)" if use_transformer_engine() else "per-span SDPA (local layers)"
+            )
+            dtype = str(self.model.config.params_dtype).removeprefix("torch.")
             print(
                 f"[{self.name}] {self.loop.total_steps} optimizer steps, {self.loader.rows_per_micro_batch} rows "
                 f"x {self.cfg.data.source.tokenize.seq_length} tokens per micro-batch, data-parallel {self.dp}; "
-                f"reference log-probs: {mode or 'n/a'}; starting at step {self.loop.step}",
+                f"{layout} layout, attention {attention}, {dtype}; reference log-probs: {mode or 'n/a'}; "
+                f"starting at step {self.loop.step}",
                 flush=True,
             )
 
