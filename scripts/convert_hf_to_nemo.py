@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from wrpo_nemo.cli import add_debug_option, user_errors
+from wrpo_nemo.cli import add_debug_option, quiet_library_warnings, user_errors
 
 DTYPES = {"auto": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -37,6 +37,7 @@ def convert(hf_dir: Path, out: Path, *, dtype: str, overwrite: bool, vocab_multi
 
 
 def main(argv: list[str] | None = None) -> None:
+    quiet_library_warnings()
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )

@@ -86,6 +86,8 @@ LIBRARY_CHATTER = (
     (UserWarning, r"full scope is deprecated"),
     (FutureWarning, r"`load_state_dict` is deprecated"),
     (FutureWarning, r"Please use DTensor instead and we are deprecating ShardedTensor"),
+    # A converter writes a checkpoint from one process without a process group, as intended.
+    (UserWarning, r"torch.distributed is disabled, unavailable or uninitialized"),
 )
 CPU_CHATTER = ((UserWarning, r"(Transformer Engine and )?Apex (is|are) not installed"),)
 SHOW_LIBRARY_WARNINGS = "WRPO_LIBRARY_WARNINGS"

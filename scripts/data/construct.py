@@ -16,7 +16,7 @@ import argparse
 import dataclasses
 import typing
 
-from wrpo_nemo.cli import add_debug_option, user_errors
+from wrpo_nemo.cli import add_debug_option, quiet_library_warnings, user_errors
 from wrpo_nemo.data.construction.generate import GenerateConfig, generate
 from wrpo_nemo.data.construction.score import ScoreConfig, score
 from wrpo_nemo.data.construction.select import SelectConfig, select
@@ -46,6 +46,7 @@ def _add_options(parser: argparse.ArgumentParser, config: type) -> None:
 
 
 def main(argv: list[str] | None = None) -> str:
+    quiet_library_warnings()
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
