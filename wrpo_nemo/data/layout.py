@@ -47,6 +47,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields, replace
 from typing import Literal
 
+import numpy as np
 import torch
 
 from wrpo_nemo.logprobs import IGNORE_INDEX as IGNORE_INDEX  # re-exported: the one definition
@@ -105,29 +106,25 @@ class PackedBatch:
         For runs whose micro-batches need not share one shape (no pipeline parallelism): the THD model then
         computes no padding. Every log-prob and loss is unchanged; segment and prompt tensors are shared.
         """
-        spans = self.attn_spans.tolist()
-        total = self.tokens.numel()
-        keep = torch.cat(
-            [torch.arange(s, e) for s, e, ps, _ in spans if ps >= 0] or [torch.zeros(0, dtype=torch.long)]
-        )
-        new_pos = torch.full((total + 1,), -1, dtype=torch.long)
-        new_pos[keep] = torch.arange(len(keep))
-        real = len(keep)
+        # numpy, not torch: a few vectorised ops instead of a torch call per span (each one dispatched through
+        # compat's CPU redirection when megatron's schedule calls this).
+        spans = self.attn_spans.cpu().numpy()
+        real_span = spans[:, 2] >= 0
+        real_token = np.repeat(real_span, spans[:, 1] - spans[:, 0])  # the spans tile the tokens in order
+        keep_np = np.flatnonzero(real_token)
+        new_pos = np.cumsum(real_token) - 1  # a real token's index among the real tokens
+        real = len(keep_np)
         extra = (-real) % multiple
-        new_spans = []
-        for start, end, pre_start, pre_end in spans:
-            if pre_start < 0:
-                continue
-            begin = int(new_pos[start])
-            prefix = (
-                (int(new_pos[pre_start]), int(new_pos[pre_end - 1]) + 1)
-                if pre_end > pre_start
-                else (begin, begin)
-            )
-            new_spans.append((begin, begin + end - start, *prefix))
-        if extra or not new_spans:
+        kept = spans[real_span]
+        begin = new_pos[kept[:, 0]] if len(kept) else np.zeros(0, dtype=np.int64)
+        shared = kept[:, 3] > kept[:, 2]
+        pre_start = np.where(shared, new_pos[np.where(shared, kept[:, 2], 0)], begin)
+        pre_end = np.where(shared, new_pos[np.where(shared, kept[:, 3] - 1, 0)] + 1, begin)
+        new_spans = np.stack([begin, begin + kept[:, 1] - kept[:, 0], pre_start, pre_end], axis=1)
+        if extra or not len(new_spans):
             extra = extra or multiple
-            new_spans.append((real, real + extra, -1, -1))
+            new_spans = np.concatenate([new_spans, np.array([[real, real + extra, -1, -1]])])
+        keep = torch.from_numpy(keep_np)
         fills = {
             "tokens": 0,
             "labels": IGNORE_INDEX,
@@ -139,7 +136,7 @@ class PackedBatch:
         for name, fill in fills.items():
             flat = getattr(self, name).reshape(-1)[keep]
             compact[name] = torch.cat([flat, flat.new_full((extra,), fill)])[None]
-        return replace(self, **compact, attn_spans=torch.tensor(new_spans, dtype=torch.long))
+        return replace(self, **compact, attn_spans=torch.from_numpy(new_spans.astype(np.int64)))
 
     def _validate_spans(self) -> None:
         spans = self.attn_spans
