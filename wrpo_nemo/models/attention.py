@@ -30,6 +30,7 @@ import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -226,28 +227,32 @@ def params_from_spans(
     spans: torch.Tensor | list, positions: torch.Tensor, device: torch.device | str | None = None
 ) -> SegmentAttentionParams:
     """:class:`SegmentAttentionParams` for ``spans`` (``[num_spans, 4]``) and flat rotary ``positions``."""
-    spans = [tuple(int(x) for x in s) for s in (spans.tolist() if torch.is_tensor(spans) else spans)]
+    raw = spans.cpu().numpy() if torch.is_tensor(spans) else spans
+    table = np.asarray(raw, dtype=np.int64).reshape(-1, 4)
     device = positions.device if device is None else torch.device(device)
-    q_lens, kv_lens, kv_index = [], [], []
-    shared = False
-    for start, end, pre_start, pre_end in spans:
-        prefix = pre_end - pre_start if pre_start >= 0 else 0
-        shared = shared or prefix > 0
-        q_lens.append(end - start)
-        kv_lens.append(prefix + end - start)
-        if prefix:
-            kv_index.append(torch.arange(pre_start, pre_end))
-        kv_index.append(torch.arange(start, end))
-    cu_q = torch.tensor([0, *q_lens], dtype=torch.int32).cumsum(0, dtype=torch.int32)
-    cu_kv = torch.tensor([0, *kv_lens], dtype=torch.int32).cumsum(0, dtype=torch.int32)
+    start, end, pre_start, pre_end = table.T
+    prefix = np.where(pre_start >= 0, pre_end - pre_start, 0)
+    q_lens = end - start
+    kv_lens = prefix + q_lens
+    shared = bool((prefix > 0).any())
+    kv_index = None
+    if shared:
+        # Each span's keys: its prefix (the shared prompt), then itself; vectorised, not a torch call per span.
+        piece_start = np.stack([pre_start, start], axis=1).reshape(-1)
+        piece_len = np.stack([prefix, q_lens], axis=1).reshape(-1)
+        offsets = np.cumsum(piece_len) - piece_len
+        kv_index = torch.from_numpy(np.arange(piece_len.sum()) + np.repeat(piece_start - offsets, piece_len))
+    cu_q = torch.from_numpy(np.concatenate([[0], np.cumsum(q_lens)]).astype(np.int32))
+    cu_kv = torch.from_numpy(np.concatenate([[0], np.cumsum(kv_lens)]).astype(np.int32))
+    spans = [tuple(s) for s in table.tolist()]
     return _params_class()(
         qkv_format="thd",
         cu_seqlens_q=cu_q.to(device),
         cu_seqlens_kv=cu_kv.to(device),
-        max_seqlen_q=max(q_lens),
-        max_seqlen_kv=max(kv_lens),
+        max_seqlen_q=int(q_lens.max()),
+        max_seqlen_kv=int(kv_lens.max()),
         spans=spans,
-        kv_index=torch.cat(kv_index).to(device) if shared else None,
+        kv_index=kv_index.to(device) if shared else None,
         positions=positions.reshape(-1).to(device),
         shared_prefix=shared,
     )
