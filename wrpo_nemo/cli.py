@@ -100,8 +100,8 @@ def quiet_library_warnings(gpu: bool | None = None) -> None:
     if os.environ.get(SHOW_LIBRARY_WARNINGS) == "1":
         return
     if gpu is None:
-        import torch
+        from wrpo_nemo import compat  # torch only: megatron is not imported yet
 
-        gpu = torch.cuda.is_available()
+        gpu = compat.runtime().cuda
     for category, message in LIBRARY_CHATTER + (() if gpu else CPU_CHATTER):
         warnings.filterwarnings("ignore", message=message, category=category)

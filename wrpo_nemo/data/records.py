@@ -365,7 +365,7 @@ def read_examples(sources: list[str], cfg: ReadConfig) -> tuple[list[Example], D
                 continue
             first = first_seen.get(example.prompt_id)
             if first is not None:
-                _skip(_duplicate_error(example, first, cfg), cfg, report)
+                _skip(duplicate_error(example, first, cfg), cfg, report)
                 report.duplicate_prompt_ids += 1
                 if len(report.duplicate_prompt_id_locations) < LISTED_DUPLICATES:
                     report.duplicate_prompt_id_locations.append(
@@ -395,7 +395,7 @@ def _skip(err: DataError, cfg: ReadConfig, report: DataReport) -> None:
         report.first_errors.append(str(err))
 
 
-def _duplicate_error(example: Example, first_where: str, cfg: ReadConfig) -> DataError:
+def duplicate_error(example: Example, first_where: str, cfg: ReadConfig) -> DataError:
     """The error of a record whose prompt id an earlier record (at ``first_where``) already has."""
     if cfg.prompt_id_column is None:
         problem = f"duplicate prompt (id {example.prompt_id!r} derived from it; first at {first_where})"

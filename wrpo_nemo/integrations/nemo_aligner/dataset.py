@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from wrpo_nemo.data.layout import IGNORE_INDEX
-from wrpo_nemo.data.records import DataError, ReadConfig, parse_record
+from wrpo_nemo.data.records import DataError, ReadConfig, duplicate_error, parse_record
 from wrpo_nemo.data.tokenize import RESPONSE_FIELDS, TokenizeConfig, eot_token_id, tokenize_example
 
 ROLES = RESPONSE_FIELDS
@@ -91,11 +91,7 @@ def tokenize_records(
         try:
             example = parse_record(data[int(index)], where, read)
             if example.prompt_id in first_at:  # as the recipe's reader: a repeated prompt would count twice
-                field_name = read.prompt_id_column or read.prompt_column
-                problem = (
-                    f"duplicate prompt id {example.prompt_id!r} (first at {first_at[example.prompt_id]})"
-                )
-                raise DataError(where, field_name, problem, "duplicate_prompt_id")
+                raise duplicate_error(example, first_at[example.prompt_id], read)
             first_at[example.prompt_id] = where
             tokenized = tokenize_example(hf, example, tokenize, eot_id)
         except DataError as err:
