@@ -111,12 +111,12 @@ class PackedBatch:
         spans = self.attn_spans.cpu().numpy()
         real_span = spans[:, 2] >= 0
         real_token = np.repeat(real_span, spans[:, 1] - spans[:, 0])  # the spans tile the tokens in order
-        keep_np = np.flatnonzero(real_token)
+        keep = np.flatnonzero(real_token)
         new_pos = np.cumsum(real_token) - 1  # a real token's index among the real tokens
-        real = len(keep_np)
+        real = len(keep)
         extra = (-real) % multiple
         kept = spans[real_span]
-        begin = new_pos[kept[:, 0]] if len(kept) else np.zeros(0, dtype=np.int64)
+        begin = new_pos[kept[:, 0]]
         shared = kept[:, 3] > kept[:, 2]
         pre_start = np.where(shared, new_pos[np.where(shared, kept[:, 2], 0)], begin)
         pre_end = np.where(shared, new_pos[np.where(shared, kept[:, 3] - 1, 0)] + 1, begin)
@@ -124,7 +124,6 @@ class PackedBatch:
         if extra or not len(new_spans):
             extra = extra or multiple
             new_spans = np.concatenate([new_spans, np.array([[real, real + extra, -1, -1]])])
-        keep = torch.from_numpy(keep_np)
         fills = {
             "tokens": 0,
             "labels": IGNORE_INDEX,
@@ -134,7 +133,7 @@ class PackedBatch:
         }
         compact = {}
         for name, fill in fills.items():
-            flat = getattr(self, name).reshape(-1)[keep]
+            flat = getattr(self, name).reshape(-1)[torch.from_numpy(keep)]
             compact[name] = torch.cat([flat, flat.new_full((extra,), fill)])[None]
         return replace(self, **compact, attn_spans=torch.from_numpy(new_spans.astype(np.int64)))
 
